@@ -1,0 +1,29 @@
+# Every target sets itself up: .venv is created on first use and refreshed only
+# when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench reproduce clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.prox_speed
+
+reproduce: $(STAMP)
+	$(PY) -m benchmarks.prox_speed --full
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
