@@ -17,8 +17,7 @@ Two kernels, one contract:
   closed form. The fit runs a few rounds of parallel pooling, which settles the
   inputs seen in training (small steps, spread-out weights); if violations
   remain, a divide-and-conquer pass (the bounded-depth algorithm of Shakerinava
-  et al. 2024: merge sorted halves by the bridge of their convex minorants,
-  found by nested binary search) finishes in O(log³ d) parallel depth whatever
+  et al. 2024: merge fitted halves by the bridge of their convex minorants) finishes in O(log³ d) parallel depth whatever
   the input.
 * :func:`prox_rows_host` runs on the host in NumPy/SciPy (float64): a packed
   key sort and SciPy's linear-time pool-adjacent-violators, all rows in one call.
@@ -60,13 +59,41 @@ def _df_add(x, y):
   return hi2, lo - (hi2 - hi)
 
 
+def _shift_right(a, by):
+  pad = [(0, 0)] * (a.ndim - 1) + [(by, 0)]
+  return jnp.pad(a[..., : a.shape[-1] - by], pad)
+
+
+def _inclusive_scan(hi, lo):
+  """Hillis-Steele scan in double-float along the last axis: log2(n) passes."""
+  by = 1
+  while by < hi.shape[-1]:
+    hi, lo = _df_add((hi, lo), (_shift_right(hi, by), _shift_right(lo, by)))
+    by *= 2
+  return hi, lo
+
+
+_BLOCK = 128
+
+
 def prefix_sums(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Exclusive double-float prefix sums of ``z`` along its last axis.
 
   Returns ``(hi, lo)`` of shape ``(..., d + 1)`` with ``hi[..., 0] == 0`` and
   ``hi[..., k] + lo[..., k] ≈ Σ_{j<k} z[..., j]`` to about 2⁻⁴⁸ relative.
+  Two levels (within blocks of 128, then across blocks) keep the work near
+  8 passes over ``z`` and the program small.
   """
-  hi, lo = lax.associative_scan(_df_add, (z, jnp.zeros_like(z)), axis=-1)
+  d = z.shape[-1]
+  nb = -(-d // _BLOCK)
+  zp = jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, nb * _BLOCK - d)])
+  zp = zp.reshape(*z.shape[:-1], nb, _BLOCK)
+  hi, lo = _inclusive_scan(zp, jnp.zeros_like(zp))
+  bh, bl = _inclusive_scan(hi[..., -1], lo[..., -1])
+  bh, bl = _shift_right(bh, 1)[..., None], _shift_right(bl, 1)[..., None]
+  hi, lo = _df_add((bh, bl), (hi, lo))
+  hi = hi.reshape(*z.shape[:-1], nb * _BLOCK)[..., :d]
+  lo = lo.reshape(*z.shape[:-1], nb * _BLOCK)[..., :d]
   pad = [(0, 0)] * (z.ndim - 1) + [(1, 0)]
   return jnp.pad(hi, pad), jnp.pad(lo, pad)
 
@@ -134,62 +161,67 @@ def _pool(seg, v, rounds):
   return y, st
 
 
-def _first_true(pred, lo, hi, steps):
-  """Smallest x in [lo, hi] with pred(x), given pred monotone and pred(hi)."""
-
-  def body(_, carry):
-    lo, hi = carry
-    mid = (lo + hi) // 2
-    ok = pred(mid)
-    live = lo < hi
-    return jnp.where(live & ~ok, mid + 1, lo), jnp.where(live & ok, mid, hi)
-
-  lo, _ = lax.fori_loop(0, steps, body, (lo, hi))
-  return lo
-
-
 def _divide_and_conquer(seg, v):
-  """Bounded-depth isotonic fit: log2(d) levels of bridge merges."""
+  """Bounded-depth isotonic fit: ceil(log2 d) levels of bridge merges.
+
+  At level l the row is cut into segments of 2^l whose halves are already
+  fitted. Their fits are the slopes of the greatest convex minorants (GCM) of
+  the halves' cumulative sums; the fit of the segment is the GCM of both,
+  which keeps the left hull up to a vertex p, bridges to a right vertex q and
+  keeps the right hull after q: only [p, q) changes, to one block. Every left
+  element p finds its tangent q(p) to the right hull by binary search; the
+  bridge starts at the first p whose tangent is not steeper than the hull
+  leaving p. Depth O(log² d) in all, work O(d log² d).
+  """
   rows, d = v.shape
   k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
-  y, st = v, k
-  for level in range(1, max(1, math.ceil(math.log2(d))) + 1):
-    size, half = 2**level, 2 ** (level - 1)
-    nseg = -(-d // size)
-    s = jnp.broadcast_to(jnp.arange(nseg, dtype=jnp.int32) * size, (rows, nseg))
-    mid = jnp.minimum(s + half, d)
-    e = jnp.minimum(s + size, d)
-    active = (mid < e) & (_take(y, mid - 1) > _take(y, jnp.minimum(mid, d - 1)))
+  row_base = lax.broadcasted_iota(jnp.int32, v.shape, 0) * d
+  levels = max(1, math.ceil(math.log2(d)))
 
-    def rise(p, q, y=y, st=st, e=e):
-      # Height of the right hull at q above the left hull at p (H_q − H_p).
-      stp, stq = _take(st, p), _take(st, jnp.minimum(q, d - 1))
-      at_end = q >= e
-      stq = jnp.where(at_end, e, stq)
-      extra_q = jnp.where(at_end, 0.0, (q - stq).astype(jnp.float32) * _take(y, jnp.minimum(q, d - 1)))
-      return seg.sum(stp, stq) + extra_q - (p - stp).astype(jnp.float32) * _take(y, p)
+  def level_step(level, carry):
+    y, st = carry
+    size = jnp.left_shift(1, level)
+    start = jnp.left_shift(jnp.right_shift(k, level), level)
+    mid = jnp.minimum(start + size // 2, d)
+    end = jnp.minimum(start + size, d)
+    last = jnp.minimum(mid, d - 1)
+    active = (mid < end) & (_take(y, mid - 1) > _take(y, last))
+    left = k < mid
 
-    def tangent(p, y=y, mid=mid, e=e, level=level):
-      def touches(q):
-        slope = rise(p, q) / jnp.maximum(q - p, 1).astype(jnp.float32)
-        return (q >= e) | (_take(y, jnp.minimum(q, d - 1)) >= slope)
+    def height(q):
+      # H(q) − H(st(k)): the right half's hull at q above the block start of k.
+      at_end = q >= end
+      qc = jnp.minimum(q, d - 1)
+      stq = jnp.where(at_end, end, _take(st, qc))
+      return seg.sum(st, stq) + jnp.where(at_end, 0.0, (q - stq).astype(jnp.float32) * _take(y, qc))
 
-      return _first_true(touches, mid, e, level + 1)
+    def slope(q):
+      offset = (k - st).astype(jnp.float32) * y
+      return (height(q) - offset) / jnp.maximum(q - k, 1).astype(jnp.float32)
 
-    def bridge_starts_at(p, y=y):
-      q = tangent(p)
-      return rise(p, q) / (q - p).astype(jnp.float32) <= _take(y, p)
+    def search(_, bounds):
+      lo, hi = bounds
+      q = (lo + hi) // 2
+      touches = (q >= end) | (_take(y, jnp.minimum(q, d - 1)) >= slope(q))
+      live = lo < hi
+      return jnp.where(live & ~touches, q + 1, lo), jnp.where(live & touches, q, hi)
 
-    p = _first_true(bridge_starts_at, s, jnp.maximum(mid - 1, s), level + 1)
-    q = tangent(p)
-    start = _take(st, p)
-    m = (rise(p, q) + (p - start).astype(jnp.float32) * _take(y, p)) / jnp.maximum(q - start, 1).astype(jnp.float32)
+    def merge(carry):
+      y, st = carry
+      q, _ = lax.fori_loop(0, level + 1, search, (mid, end))
+      bridge = left & active & (slope(q) <= y)
+      first = jax.ops.segment_min(
+          jnp.where(bridge, k, d).ravel(), (row_base + start).ravel(), rows * d
+      )[(row_base + start).ravel()].reshape(v.shape)
+      first = jnp.minimum(first, d - 1)
+      mean = height(q) / jnp.maximum(q - st, 1).astype(jnp.float32)
+      p_start, p_q, p_mean = _take(st, first), _take(q, first), _take(mean, first)
+      merged = active & (first < mid) & (k >= p_start) & (k < end) & (st < p_q)
+      return jnp.where(merged, p_mean, y), jnp.where(merged, p_start, st)
 
-    owner = k // size
-    g = lambda a: jnp.take_along_axis(a, owner, axis=1)  # noqa: E731
-    merged = g(active) & (k >= g(start)) & (st < g(q))
-    y = jnp.where(merged, g(m), y)
-    st = jnp.where(merged, g(start), st)
+    return lax.cond(jnp.any(active), merge, lambda c: c, (y, st))
+
+  y, st = lax.fori_loop(1, levels + 1, level_step, (v, k))
   # One exact refit per block makes every member of a block bit-identical.
   _, y = _refit(seg, st == k)
   return y

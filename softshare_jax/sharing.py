@@ -127,14 +127,18 @@ def _fit_host(x: jax.Array, t: jax.Array) -> jax.Array:
   return jax.pure_callback(_host_fit, out, x, t, vmap_method="expand_dims")
 
 
+# Jitted once per shape, so eager calls do not re-trace the kernel's loops.
+_fit_device = jax.jit(isotonic.prox_rows_device)
+
+
 def _fit(x: jax.Array, t: jax.Array, method: str) -> jax.Array:
   """prox of t·R on every row of x (float32), without the l1 term."""
   t = jnp.broadcast_to(t, x.shape[:1])
   if method == "device":
-    return isotonic.prox_rows_device(x, t)
+    return _fit_device(x, t)
   if method == "host":
     return _fit_host(x, t)
-  return lax.platform_dependent(x, t, cpu=_fit_host, default=isotonic.prox_rows_device)
+  return lax.platform_dependent(x, t, cpu=_fit_host, default=_fit_device)
 
 
 def _soft_threshold(y: jax.Array, s: jax.Array) -> jax.Array:
