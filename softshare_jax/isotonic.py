@@ -303,7 +303,9 @@ def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
   shape, d = x.shape, x.shape[-1]
   rows = x.reshape(-1, d)
   t = np.broadcast_to(np.asarray(t, dtype=np.float64), shape[:-1]).reshape(-1)
-  z, perm = _decode(np.sort(_sort_keys(rows), axis=-1))
+  keys = _sort_keys(rows)
+  keys.sort(axis=-1)
+  z, perm = _decode(keys)
   v = z.astype(np.float64)
   v -= (t / (d - 1))[:, None] * np.arange(1 - d, d, 2, dtype=np.float64)
   if rows.shape[0] > 1:
@@ -311,10 +313,12 @@ def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     margin = 1e-6 * float(np.abs(v).max()) + 1e-30
     step = np.maximum(v.max(axis=-1)[:-1] - v.min(axis=-1)[1:], 0.0) + margin
     lift = np.concatenate([[0.0], np.cumsum(step)])[:, None]
-    fit = _sp_optimize.isotonic_regression((v + lift).ravel()).x.reshape(v.shape) - lift
-  else:
+    v += lift
     fit = _sp_optimize.isotonic_regression(v.ravel()).x.reshape(v.shape)
-  out = np.empty_like(rows)
-  flat = perm + (np.arange(rows.shape[0]) * d)[:, None] if rows.shape[0] > 1 else perm
-  out.reshape(-1)[flat.reshape(-1)] = fit.reshape(-1)
+    fit -= lift
+    perm += (np.arange(rows.shape[0]) * d)[:, None]
+  else:
+    fit = _sp_optimize.isotonic_regression(v.ravel()).x
+  out = np.empty(rows.size, np.float32)
+  out[perm.ravel()] = fit.astype(np.float32).ravel()
   return out.reshape(shape)

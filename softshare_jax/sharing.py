@@ -57,7 +57,14 @@ def _check_float(x: jax.Array) -> None:
 def _group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   if axis is None:
     return tuple(range(ndim))
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if isinstance(axis, (jax.Array, np.ndarray)) and np.ndim(axis) == 0 and not isinstance(axis, jax.core.Tracer):
+    axis = int(axis)
+  if not isinstance(axis, (int, np.integer, tuple, list)):
+    raise ValueError(
+        f"axis must be None, an int or a tuple of ints, got {type(axis).__name__}. "
+        "Under optax.inject_hyperparams, pass static_args=('axis',)."
+    )
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
   out = []
   for a in axes:
     if not isinstance(a, (int, np.integer)) or not -ndim <= a < max(ndim, 1):
@@ -282,6 +289,9 @@ def weight_sharing_prox(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+    Under ``optax.inject_hyperparams`` (to change ``strength`` or
+    ``learning_rate`` during training), mark an int ``axis`` static:
+    ``optax.inject_hyperparams(ss.weight_sharing_prox, static_args=("axis",))``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
