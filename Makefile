@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench reproduce clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py softshare_jax/_hostprox.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"

@@ -19,8 +19,10 @@ Two kernels, one contract:
   remain, a divide-and-conquer pass (the bounded-depth algorithm of Shakerinava
   et al. 2024: merge fitted halves by the bridge of their convex minorants) finishes in O(log³ d) parallel depth whatever
   the input.
-* :func:`prox_rows_host` runs on the host in NumPy/SciPy (float64): a packed
-  key sort and SciPy's linear-time pool-adjacent-violators, all rows in one call.
+* :func:`prox_rows_host` runs on the host in float64: a small C kernel (radix
+  sort, then linear-time pool adjacent violators) built at install time, or,
+  without a compiler, :func:`prox_rows_numpy` (a packed-key NumPy sort and
+  SciPy's pool-adjacent-violators, all rows in one call).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from scipy import optimize as _sp_optimize
+
+try:  # The C host kernel, built at install time when a compiler is there.
+  from softshare_jax import _hostprox
+except ImportError:  # pragma: no cover - depends on the build.
+  _hostprox = None
 
 # Pooling rounds before the bounded-depth pass takes over. Gaussian weights with
 # a training-sized step settle in a handful; adversarial chains never would.
@@ -293,9 +300,24 @@ def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-  """Prox of ``t · R`` on every row of ``x``, in NumPy/SciPy (float64 inside).
+  """Prox of ``t · R`` on every row of ``x`` on the host (float64 inside).
 
   ``x`` is ``(..., d)`` float32 and ``t`` broadcasts to ``x.shape[:-1]``.
+  Uses the C kernel (radix sort + pool adjacent violators, one pass each)
+  when it was built, else :func:`prox_rows_numpy`.
+  """
+  if _hostprox is None:
+    return prox_rows_numpy(x, t)
+  x = np.ascontiguousarray(x, dtype=np.float32)
+  t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape[:-1]))
+  out = np.empty_like(x)
+  _hostprox.prox_rows(x, t, x.shape[-1], out)
+  return out
+
+
+def prox_rows_numpy(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+  """:func:`prox_rows_host` in NumPy/SciPy: the fallback without the C kernel.
+
   All rows go through one call of SciPy's pool-adjacent-violators: row r is
   lifted above the row before it, so rows never pool together.
   """

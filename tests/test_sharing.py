@@ -436,3 +436,30 @@ def test_sharing_stats_counts():
   assert ss.sharing_stats(params, mask={"a": False, "b": True, "n": False}).total.weights == 3
   assert "total" in str(stats)
   assert stats.to_dict()["total"]["distinct"] == 4
+
+
+# ----------------------------------------------------------------------------
+# Host kernels: the C kernel and its NumPy/SciPy fallback.
+
+
+@pytest.mark.parametrize("kernel", ["prox_rows_host", "prox_rows_numpy"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_kernels_on_several_rows(kernel, kind):
+  from softshare_jax import isotonic
+
+  rows = [make_input(kind, 300, seed) for seed in range(4)]
+  x = np.stack([r[0] for r in rows])
+  t = np.array([r[1] for r in rows])
+  got = getattr(isotonic, kernel)(x, t)
+  for i in range(4):
+    np.testing.assert_allclose(got[i], reference_prox(x[i], t[i]), rtol=0, atol=tol(x[i], t[i]))
+
+
+def test_c_kernel_is_built_where_a_compiler_is():
+  import shutil
+
+  from softshare_jax import isotonic
+
+  if not (shutil.which("cc") or shutil.which("gcc")):
+    pytest.skip("no C compiler: the host method uses the NumPy fallback")
+  assert isotonic._hostprox is not None, "the C host kernel did not build: reinstall with `make clean test`"

@@ -1,0 +1,274 @@
+"""Shared helpers for the benchmark scripts: timing, machine facts, output.
+
+Every benchmark script in this folder measures with :func:`time_call`, records
+:func:`machine_info` and :func:`versions` next to its numbers, prints with
+:func:`format_table`, and writes its JSON with :func:`write_json_atomic` (a
+temporary file in the target directory, then ``os.replace``), so a reader never
+sees a half-written result file. Speed is measured here, never asserted in a
+test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+@dataclasses.dataclass
+class Timing:
+  """Wall-clock seconds of the timed calls (after the warm-up calls)."""
+
+  times_s: list[float]
+  warmup_s: list[float]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times_s) if self.times_s else math.nan
+
+  @property
+  def min_s(self) -> float:
+    return min(self.times_s) if self.times_s else math.nan
+
+  def to_dict(self) -> dict:
+    return {
+        "median_ms": self.median_s * 1e3,
+        "min_ms": self.min_s * 1e3,
+        "times_ms": [t * 1e3 for t in self.times_s],
+        "warmup_ms": [t * 1e3 for t in self.warmup_s],
+    }
+
+
+def block(out: Any) -> Any:
+  """Waits for every JAX array in ``out`` (NumPy values pass through)."""
+  import jax  # Imported here so that NumPy-only scripts need no JAX.
+
+  return jax.block_until_ready(out)
+
+
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 1,
+    min_repeats: int = 3,
+    max_repeats: int = 7,
+    budget_s: float = 2.0,
+    stop_after_s: float = math.inf,
+    sync: Callable[[Any], Any] = block,
+) -> tuple[Timing, Any]:
+  """Times ``fn()`` and returns its :class:`Timing` and its last output.
+
+  ``warmup`` untimed calls come first (compilation, caches). Then the call is
+  repeated at least ``min_repeats`` and at most ``max_repeats`` times, stopping
+  once ``budget_s`` has been spent on timed calls. If a single call takes
+  longer than ``stop_after_s``, timing stops after it (one sample only, and the
+  warm-up is skipped when it alone took that long). ``sync`` is applied to each
+  output before the clock stops (``block_until_ready`` for JAX).
+  """
+  warm, out = [], None
+  for _ in range(warmup):
+    start = time.perf_counter()
+    out = sync(fn())
+    warm.append(time.perf_counter() - start)
+    if warm[-1] > stop_after_s:
+      return Timing([warm[-1]], warm), out
+  times: list[float] = []
+  while len(times) < max_repeats:
+    start = time.perf_counter()
+    out = sync(fn())
+    times.append(time.perf_counter() - start)
+    if times[-1] > stop_after_s:
+      break
+    if len(times) >= min_repeats and sum(times) >= budget_s:
+      break
+  return Timing(times, warm), out
+
+
+# ----------------------------------------------------------------------------
+# What was measured on what.
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine_info() -> dict:
+  """Platform, processor, CPU count and the JAX devices of this process."""
+  info = {
+      "platform": platform.platform(),
+      "machine": platform.machine(),
+      "processor": platform.processor() or _cpu_model(),
+      "cpu_model": _cpu_model(),
+      "cpu_count": os.cpu_count(),
+  }
+  if hasattr(os, "sched_getaffinity"):
+    info["cpus_usable"] = len(os.sched_getaffinity(0))
+  if hasattr(os, "getloadavg"):
+    # Other processes on a small machine move timings; the load says how busy it was.
+    info["loadavg_1_5_15"] = list(os.getloadavg())
+  try:
+    import jax
+
+    info["jax_backend"] = jax.default_backend()
+    info["jax_devices"] = [
+        {"id": d.id, "platform": d.platform, "device_kind": d.device_kind, "repr": str(d)}
+        for d in jax.devices()
+    ]
+  except Exception as e:  # pragma: no cover - a broken JAX install is still worth a record.
+    info["jax_error"] = repr(e)
+  return info
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def versions(extra: Iterable[str] = ()) -> dict:
+  """Versions of Python and of the packages a benchmark depends on."""
+  out = {"python": sys.version.split()[0]}
+  for dist in ("jax", "jaxlib", "numpy", "scipy", "optax", "flax", *extra):
+    out[dist] = _version(dist)
+  try:
+    import softshare_jax
+
+    out["softshare_jax"] = getattr(softshare_jax, "__version__", None) or _version("softshare-jax")
+  except ImportError:
+    out["softshare_jax"] = None
+  return out
+
+
+def source_info(package: str = "softshare_jax") -> dict:
+  """Which code was measured: a hash of the package's sources, and git's view when there is one.
+
+  The version number does not change between commits; the hash does, and it is
+  there even where the tree was copied without its ``.git``.
+  """
+  out: dict[str, Any] = {}
+  try:
+    mod = __import__(package)
+    root = os.path.dirname(os.path.abspath(mod.__file__))
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+      dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+      for name in sorted(filenames):
+        if name.endswith(".py"):
+          path = os.path.join(dirpath, name)
+          digest.update(os.path.relpath(path, root).encode())
+          with open(path, "rb") as f:
+            digest.update(f.read())
+    out["package_sha256"] = digest.hexdigest()[:16]
+    repo = os.path.dirname(root)
+  except ImportError:
+    return out
+
+  def git(*args):
+    try:
+      res = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return res.stdout if res.returncode == 0 else None
+
+  commit = git("rev-parse", "HEAD")
+  if commit:
+    out["git_commit"] = commit.strip()
+    out["git_modified"] = [line[3:] for line in (git("status", "--porcelain", "--", package) or "").splitlines()]
+  return out
+
+
+def now_utc() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------
+# Output.
+
+
+def _json_safe(obj: Any) -> Any:
+  """NaN and infinities become None (JSON has neither); NumPy scalars become Python."""
+  if isinstance(obj, dict):
+    return {str(k): _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def write_json_atomic(path: str, obj: Any) -> str:
+  """Writes ``obj`` as JSON to ``path`` atomically; returns the path."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is not.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+  """An aligned text table; ``align`` holds '<' or '>' per column (default: text left, numbers right)."""
+  cells = [[str(c) for c in r] for r in rows]
+  widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+  if align is None:
+    align = "".join(
+        ">" if rows and isinstance(rows[0][i], (int, float)) else "<" for i in range(len(headers))
+    )
+
+  def line(values):
+    return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()
+
+  return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def fmt_ms(seconds: float) -> str:
+  """Milliseconds with three significant digits (or '-' when missing)."""
+  if seconds is None or not math.isfinite(seconds):
+    return "-"
+  ms = seconds * 1e3
+  return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+  if r is None or not math.isfinite(r):
+    return "-"
+  return f"{r:.2f}" if r < 100 else f"{r:.0f}"
