@@ -7,15 +7,27 @@ from softshare_jax.sharing import SharingStats
 from softshare_jax.sharing import weight_sharing_penalty
 from softshare_jax.sharing import weight_sharing_prox
 from softshare_jax.sharing import WeightSharingProxState
+from softshare_jax.tying import hard_tie
+from softshare_jax.tying import HardTieState
+from softshare_jax.tying import soft_tie
+from softshare_jax.tying import SoftTieState
+from softshare_jax.tying import sync
+from softshare_jax.tying import transposed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HardTieState",
     "LeafStats",
     "SharingStats",
+    "SoftTieState",
     "WeightSharingProxState",
+    "hard_tie",
     "prox_weight_sharing",
     "sharing_stats",
+    "soft_tie",
+    "sync",
+    "transposed",
     "weight_sharing_penalty",
     "weight_sharing_prox",
 ]

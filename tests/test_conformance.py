@@ -7,7 +7,8 @@ by adding one entry: ``pytest.param(Entry(factory_fn, kwargs), id="name")``.
 
 The transforms are called directly with random ``updates`` (what an optimizer
 would hand them) and the params of ``make_params``: a dict with a 2-D kernel
-``(8, 16)`` and a 1-D bias ``(16,)``. Entries must be configured so that the
+``(16, 16)`` (square, so that tying can tie it to its own transpose) and a 1-D
+bias ``(16,)``. Entries must be configured so that the
 transform changes the updates of that tree (``test_transform_acts`` checks
 it), otherwise the comparisons below would pass trivially.
 
@@ -57,6 +58,7 @@ class Entry:
 
 
 _PROX = dict(strength=0.5, learning_rate=0.1)
+_SELF_TIE = [["kernel", ss.transposed("kernel")]]
 
 TRANSFORMS = [
     pytest.param(Entry(ss.weight_sharing_prox, dict(_PROX)), id="prox"),
@@ -68,6 +70,15 @@ TRANSFORMS = [
         Entry(ss.weight_sharing_prox, dict(_PROX, l1=0.3, axis=0), static_args=("axis",)),
         id="prox-axis0-l1",
     ),
+    # Tying acts within the kernel (the masked and partition tests see the
+    # kernel alone): the kernel tied to its own transpose, a symmetric matrix.
+    pytest.param(Entry(ss.soft_tie, dict(groups=_SELF_TIE, strength=0.5)), id="soft_tie"),
+    pytest.param(
+        Entry(ss.soft_tie, dict(groups=_SELF_TIE, strength=optax.linear_schedule(0.5, 2.0, 4))),
+        id="soft_tie-schedule",
+    ),
+    pytest.param(Entry(ss.hard_tie, dict(groups=_SELF_TIE)), id="hard_tie"),
+    pytest.param(Entry(ss.hard_tie, dict(groups=_SELF_TIE, reduce="mean")), id="hard_tie-mean"),
 ]
 
 parametrize_transforms = pytest.mark.parametrize("entry", TRANSFORMS)
@@ -75,7 +86,7 @@ parametrize_transforms = pytest.mark.parametrize("entry", TRANSFORMS)
 # ----------------------------------------------------------------------------
 # Data.
 
-KERNEL_SHAPE = (8, 16)
+KERNEL_SHAPE = (16, 16)
 BIAS_SHAPE = (16,)
 
 
