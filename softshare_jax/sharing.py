@@ -42,8 +42,8 @@ def _check_nonnegative(name: str, value: Any) -> None:
   arr = np.asarray(value)
   if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
     raise ValueError(f"{name} must be a number or a schedule, got {value!r}.")
-  if np.any(np.isnan(arr)) or np.any(arr < 0):
-    raise ValueError(f"{name} must be >= 0, got {value!r}.")
+  if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 
 
 def _check_float(x: jax.Array) -> None:

@@ -366,6 +366,8 @@ def test_prox_lowers_the_objective():
     "kwargs,name",
     [
         (dict(strength=-1.0), "strength"),
+        (dict(strength=float("inf")), "strength"),
+        (dict(strength=float("nan")), "strength"),
         (dict(strength=0.1, l1=-0.1), "l1"),
         (dict(strength=0.1, axis=3), "axis"),
         (dict(strength=0.1, axis=(0, 0)), "axis"),
