@@ -1,5 +1,11 @@
 """softshare_jax: weight sharing for JAX as Optax gradient transformations."""
 
+from softshare_jax.mixture import em_step
+from softshare_jax.mixture import init_mixture
+from softshare_jax.mixture import merge_components
+from softshare_jax.mixture import Mixture
+from softshare_jax.mixture import mixture_log_prob
+from softshare_jax.mixture import responsibilities
 from softshare_jax.sharing import LeafStats
 from softshare_jax.sharing import prox_weight_sharing
 from softshare_jax.sharing import sharing_stats
@@ -19,11 +25,17 @@ __version__ = "0.1.0"
 __all__ = [
     "HardTieState",
     "LeafStats",
+    "Mixture",
     "SharingStats",
     "SoftTieState",
     "WeightSharingProxState",
+    "em_step",
     "hard_tie",
+    "init_mixture",
+    "merge_components",
+    "mixture_log_prob",
     "prox_weight_sharing",
+    "responsibilities",
     "sharing_stats",
     "soft_tie",
     "sync",
