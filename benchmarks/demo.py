@@ -14,6 +14,11 @@ seed, data order and optimizer (SGD with momentum):
 It prints the test accuracy of both and ``ss.sharing_stats`` of both: the
 number of distinct values per leaf is what the prox brings down.
 
+A third run trains with Adam and ``ss.mixture_prior`` (Nowlan & Hinton's soft
+weight sharing with Ullrich et al.'s zero component): it prints the learned
+mixture and writes ``demo_mixture.png``, the kernel weights' histogram with the
+mixture density on top.
+
 Each section is a function (data, model, optimizers, training, report), so
 later demos of the package (soft weight sharing, compression) can be added as
 further sections of ``main``.
@@ -128,6 +133,7 @@ class Run:
   train_accuracy: float
   test_accuracy: float
   seconds: float
+  opt_state: Any = None
 
 
 def accuracy(model: nn.Module, params: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -172,6 +178,7 @@ def train(name: str, model: nn.Module, tx: optax.GradientTransformation, data: D
       accuracy(model, params, data.x_train, data.y_train),
       accuracy(model, params, data.x_test, data.y_test),
       time.perf_counter() - start,
+      opt_state,
   )
 
 
@@ -220,6 +227,69 @@ def print_per_neuron(run: Run) -> None:
   print()
 
 
+# ----------------------------------------------------------------------------
+# Soft weight sharing: Adam + the mixture prior.
+
+MIXTURE_COMPONENTS = 16
+# τ/N in Ullrich et al.'s notation: the weight of the summed negative log prior
+# against the mean cross-entropy.
+MIXTURE_STRENGTH = 3e-5
+MIXTURE_LEARNING_RATE = 3e-3
+PNG = "demo_mixture.png"
+
+
+def mixture_optimizer() -> optax.GradientTransformation:
+  return optax.chain(
+      ss.mixture_prior(num_components=MIXTURE_COMPONENTS, strength=MIXTURE_STRENGTH),
+      optax.adam(MIXTURE_LEARNING_RATE),
+  )
+
+
+def print_mixture(run: Run) -> Any:
+  mixture = ss.get_mixture(run.opt_state)
+  print("learned mixture (component 0 is the zero component):")
+  rows = [[j, f"{float(m):+.4f}", f"{float(s):.4f}", f"{float(w):.4f}"]
+          for j, (m, s, w) in enumerate(zip(mixture.means, mixture.stddevs, mixture.weights))]
+  print(_table(["j", "mean", "stddev", "weight"], rows))
+  print()
+  return mixture
+
+
+def _table(headers, rows):
+  widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+  lines = ["  ".join(f"{str(h):>{w}}" for h, w in zip(headers, widths))]
+  lines += ["  ".join(f"{str(c):>{w}}" for c, w in zip(r, widths)) for r in rows]
+  return "\n".join(lines)
+
+
+def plot_mixture(run: Run, mixture: Any, path: str = PNG) -> str:
+  """Histogram of the kernel weights with the learned mixture density on top."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  w = np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(run.params) if leaf.ndim >= 2])
+  grid = np.linspace(w.min() - 0.05, w.max() + 0.05, 2000)
+  density = np.exp(np.asarray(ss.mixture_log_prob(mixture, jnp.asarray(grid, jnp.float32))))
+  fig, ax = plt.subplots(figsize=(8, 4))
+  ax.hist(w, bins=200, density=True, alpha=0.5, label="kernel weights")
+  ax.plot(grid, density, color="C3", lw=1.2, label="learned mixture density")
+  ax.set_yscale("log")
+  ax.set_ylim(1e-2, None)
+  ax.set_xlabel("weight")
+  ax.set_title(f"digits MLP, Adam + mixture_prior ({MIXTURE_COMPONENTS} + zero component)")
+  ax.legend()
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  import os
+
+  os.replace(tmp, path)
+  return os.path.abspath(path)
+
+
 def main(argv: list[str] | None = None) -> int:
   del argv
   start = time.perf_counter()
@@ -230,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
       train("plain", model, plain_optimizer(), data),
       train("prox", model, prox_optimizer(), data),
   ]
+  runs.append(train("mixture", model, mixture_optimizer(), data))
   print_comparison(runs)
   print_sharing(runs)
   print_per_neuron(runs[1])
+  mixture = print_mixture(runs[2])
+  print(f"weight histogram with the mixture density: {plot_mixture(runs[2], mixture)}")
   print(f"demo finished in {time.perf_counter() - start:.1f} s")
   return 0
 

@@ -6,6 +6,9 @@ from softshare_jax.mixture import merge_components
 from softshare_jax.mixture import Mixture
 from softshare_jax.mixture import mixture_log_prob
 from softshare_jax.mixture import responsibilities
+from softshare_jax.prior import get_mixture
+from softshare_jax.prior import mixture_prior
+from softshare_jax.prior import MixturePriorState
 from softshare_jax.sharing import LeafStats
 from softshare_jax.sharing import prox_weight_sharing
 from softshare_jax.sharing import sharing_stats
@@ -26,14 +29,17 @@ __all__ = [
     "HardTieState",
     "LeafStats",
     "Mixture",
+    "MixturePriorState",
     "SharingStats",
     "SoftTieState",
     "WeightSharingProxState",
     "em_step",
+    "get_mixture",
     "hard_tie",
     "init_mixture",
     "merge_components",
     "mixture_log_prob",
+    "mixture_prior",
     "prox_weight_sharing",
     "responsibilities",
     "sharing_stats",

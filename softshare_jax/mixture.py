@@ -427,21 +427,43 @@ def em_step(
   return _em(mixture, x, f32(a_free), f32(b_free), f32(a_zero), f32(b_zero), f32(damping), bool(learn_zero_weight))
 
 
+def em_statistics(mixture: Mixture, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Σ_i r_ij, Σ_i r_ij d_ij and Σ_i r_ij d_ij² with d_ij = x_i − μ_j (current means).
+
+  The M-step needs nothing else, so a large weight vector can be summed in
+  chunks. Centring on the current means keeps the second moment free of
+  cancellation.
+  """
+  r = jax.nn.softmax(_log_joint(mixture, x), axis=-1)
+  d = x[..., None] - mixture.means
+  axes = tuple(range(r.ndim - 1))
+  rd = r * d
+  return jnp.sum(r, axis=axes), jnp.sum(rd, axis=axes), jnp.sum(rd * d, axis=axes)
+
+
 @functools.partial(jax.jit, static_argnums=(7,))
 def _em(mixture: Mixture, x: jax.Array, a_free: jax.Array, b_free: jax.Array, a_zero: jax.Array,
         b_zero: jax.Array, damping: jax.Array, learn_zero_weight: bool) -> Mixture:
+  return em_from_statistics(mixture, em_statistics(mixture, x), a_free, b_free, a_zero, b_zero,
+                            damping, learn_zero_weight)
+
+
+def em_from_statistics(mixture: Mixture, stats: tuple[jax.Array, jax.Array, jax.Array],
+                       a_free: jax.Array, b_free: jax.Array, a_zero: jax.Array, b_zero: jax.Array,
+                       damping: jax.Array, learn_zero_weight: bool) -> Mixture:
+  """The M-step of :func:`em_step` from :func:`em_statistics` (summed over all weights)."""
   k = mixture.num_components
   has_zero = mixture.has_zero
-
-  r = jax.nn.softmax(_log_joint(mixture, x), axis=-1)  # (n, K)
-  n_j = jnp.sum(r, axis=0)
+  n_j, srd, srd2 = stats
   alive = n_j > _DEAD_MASS
   safe_n = jnp.where(alive, n_j, 1.0)
   old_mu = mixture.means
-  mu = jnp.where(alive, (r.T @ x) / safe_n, old_mu)
+  shift = jnp.where(alive, srd / safe_n, 0.0)
   if has_zero:
-    mu = mu.at[0].set(0.0)
-  s2 = jnp.sum(r * jnp.square(x[:, None] - mu[None, :]), axis=0)
+    shift = shift.at[0].set(0.0)
+  mu = old_mu + shift
+  # Σ r (x − μ_new)² = Σ r d² − 2 δ Σ r d + δ² Σ r, with δ = μ_new − μ_old.
+  s2 = jnp.maximum(srd2 - 2.0 * shift * srd + jnp.square(shift) * n_j, 0.0)
 
   is_zero = jnp.arange(k) == 0 if has_zero else jnp.zeros((k,), bool)
   alpha = jnp.where(is_zero, a_zero, a_free)

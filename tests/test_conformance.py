@@ -79,6 +79,16 @@ TRANSFORMS = [
     ),
     pytest.param(Entry(ss.hard_tie, dict(groups=_SELF_TIE)), id="hard_tie"),
     pytest.param(Entry(ss.hard_tie, dict(groups=_SELF_TIE, reduce="mean")), id="hard_tie-mean"),
+    # Mixture prior: ``num_components`` is structural (an int): static.
+    pytest.param(
+        Entry(ss.mixture_prior, dict(num_components=4, strength=0.05), static_args=("num_components",)),
+        id="mixture_prior",
+    ),
+    pytest.param(
+        Entry(ss.mixture_prior, dict(num_components=4, strength=0.05, mixture_update="em",
+                                     precision_prior=(2.0, 0.5)), static_args=("num_components",)),
+        id="mixture_prior-em",
+    ),
 ]
 
 parametrize_transforms = pytest.mark.parametrize("entry", TRANSFORMS)
