@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from softshare_jax import _checks
 from softshare_jax import masks
 from softshare_jax import mixture as mixture_lib
 from softshare_jax.mixture import Mixture
@@ -44,16 +45,6 @@ class MixturePriorState(NamedTuple):
 
 # ----------------------------------------------------------------------------
 # Argument checks.
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-    raise ValueError(f"{name} must be a number or a schedule, got {value!r}.")
-  if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-    raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 
 
 def _check_pair(name: str, value: Any) -> tuple[float, float] | None:
@@ -291,7 +282,7 @@ def mixture_prior(
   """
   if isinstance(num_components, bool) or not isinstance(num_components, (int, np.integer)) or num_components < 1:
     raise ValueError(f"num_components must be an int >= 1, got {num_components!r}.")
-  _check_nonnegative("strength", strength)
+  _checks.check_nonnegative("strength", strength)
   if not isinstance(zero_weight, jax.core.Tracer):
     try:
       zw = float(zero_weight)

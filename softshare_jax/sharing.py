@@ -23,6 +23,7 @@ import optax
 from jax import lax
 
 from softshare_jax import isotonic
+from softshare_jax import _checks
 from softshare_jax import masks
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -33,17 +34,6 @@ _METHODS = ("auto", "device", "host")
 
 # ----------------------------------------------------------------------------
 # Argument checks.
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  """Rejects a negative concrete value; traced values are the caller's job."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-    raise ValueError(f"{name} must be a number or a schedule, got {value!r}.")
-  if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-    raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 
 
 def _check_float(x: jax.Array) -> None:
@@ -225,8 +215,8 @@ def prox_weight_sharing(
   """
   x = jnp.asarray(x)
   _check_float(x)
-  _check_nonnegative("strength", strength)
-  _check_nonnegative("l1", l1)
+  _checks.check_nonnegative("strength", strength)
+  _checks.check_nonnegative("l1", l1)
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
   rows, back = _to_rows(x, axis)
@@ -305,9 +295,9 @@ def weight_sharing_prox(
     >>> ss.sharing_stats(params).total.distinct  # 0.30 and 0.31 merged
     3
   """
-  _check_nonnegative("strength", strength)
-  _check_nonnegative("learning_rate", learning_rate)
-  _check_nonnegative("l1", l1)
+  _checks.check_nonnegative("strength", strength)
+  _checks.check_nonnegative("learning_rate", learning_rate)
+  _checks.check_nonnegative("l1", l1)
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
 

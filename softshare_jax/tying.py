@@ -40,6 +40,7 @@ try:  # Gone from some JAX releases; without it the partitioner picks the layout
 except ImportError:  # pragma: no cover - depends on the JAX version.
   shard_alike = None
 
+from softshare_jax import _checks
 from softshare_jax import masks
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -212,16 +213,6 @@ def _compute_dtype(leaves: Sequence[Any]) -> Any:
 # Argument checks.
 
 
-def _check_strength(value: Any) -> None:
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) or arr.ndim:
-    raise ValueError(f"soft_tie: strength must be a scalar or a schedule, got {value!r}.")
-  if np.isnan(arr) or arr < 0:
-    raise ValueError(f"soft_tie: strength must be >= 0, got {value!r}.")
-
-
 # ----------------------------------------------------------------------------
 # soft_tie.
 
@@ -275,7 +266,7 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: ScalarOrSchedule) -> 
     Array([-0.5,  0. ], dtype=float32)
   """
   parsed = _parse_groups("soft_tie", groups)
-  _check_strength(strength)
+  _checks.check_nonnegative("strength", strength)
 
   def init_fn(params):
     _resolve("soft_tie", _flatten(params), parsed)

@@ -472,7 +472,7 @@ def test_error_arguments():
   tx = ss.soft_tie([["a", "b"]], 1.0)
   with pytest.raises(ValueError, match="soft_tie needs params"):
     tx.update(params, tx.init(params))
-  with pytest.raises(ValueError, match="strength must be >= 0"):
+  with pytest.raises(ValueError, match="strength must be finite and >= 0"):
     ss.soft_tie([["a", "b"]], -1.0)
   with pytest.raises(ValueError, match="reduce must be one of"):
     ss.hard_tie([["a", "b"]], reduce="max")
