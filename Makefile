@@ -22,8 +22,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.prox_speed
 
+# The heavy runs whose output is committed under benchmarks/results/ (not in CI).
 reproduce: $(STAMP)
 	$(PY) -m benchmarks.prox_speed --full
+	$(PY) -m benchmarks.prior_overhead
+	$(PY) -m benchmarks.tying
+	$(PY) -m benchmarks.shift_detection
+	$(PY) -m benchmarks.compress_mnist
+	$(PY) -m benchmarks.shuffled_filters
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

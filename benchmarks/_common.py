@@ -21,7 +21,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -225,23 +224,23 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json_atomic(path: str, obj: Any) -> str:
   """Writes ``obj`` as JSON to ``path`` atomically; returns the path."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+  from softshare_jax import _files
+
+  text = json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n"
+  _files.write_bytes_atomic(path, text.encode("utf-8"))
+  return path
+
+
+def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
+  """Saves a Matplotlib figure to ``path`` atomically (temp file + rename) and closes it."""
+  import matplotlib.pyplot as plt
+  from softshare_jax import _files
+
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is not.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    with _files.atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+      fig.savefig(tmp, dpi=dpi)
+  finally:
+    plt.close(fig)
   return path
 
 

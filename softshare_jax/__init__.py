@@ -1,5 +1,18 @@
 """softshare_jax: weight sharing for JAX as Optax gradient transformations."""
 
+from softshare_jax.compress import cluster_weights
+from softshare_jax.compress import compression_report
+from softshare_jax.compress import CompressionReport
+from softshare_jax.compress import dequantize
+from softshare_jax.compress import hash_clusters
+from softshare_jax.compress import keep_clusters
+from softshare_jax.compress import KeepClustersState
+from softshare_jax.compress import LeafReport
+from softshare_jax.compress import load_quantized
+from softshare_jax.compress import quantize
+from softshare_jax.compress import Quantized
+from softshare_jax.compress import QuantizedLeaf
+from softshare_jax.compress import save_quantized
 from softshare_jax.mixture import em_step
 from softshare_jax.mixture import init_mixture
 from softshare_jax.mixture import merge_components
@@ -26,6 +39,19 @@ from softshare_jax.tying import transposed
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionReport",
+    "KeepClustersState",
+    "LeafReport",
+    "Quantized",
+    "QuantizedLeaf",
+    "cluster_weights",
+    "compression_report",
+    "dequantize",
+    "hash_clusters",
+    "keep_clusters",
+    "load_quantized",
+    "quantize",
+    "save_quantized",
     "HardTieState",
     "LeafStats",
     "Mixture",

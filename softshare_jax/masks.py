@@ -42,6 +42,11 @@ def is_float_leaf(leaf: Any) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+def is_kernel_leaf(leaf: Any) -> bool:
+  """True for floating-point leaves with ndim >= 2: kernels, not biases or norm scales."""
+  return is_float_leaf(leaf) and len(getattr(leaf, "shape", ())) >= 2
+
+
 def _key_name(key: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):

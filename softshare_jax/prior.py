@@ -165,10 +165,6 @@ def _hyper_cost(m: Mixture, precision_prior, zero_precision_prior, zero_weight_p
   return cost
 
 
-def _default_mask(leaf: Any) -> bool:
-  return masks.is_float_leaf(leaf) and len(getattr(leaf, "shape", ())) >= 2
-
-
 # ----------------------------------------------------------------------------
 # The transform.
 
@@ -312,7 +308,7 @@ def mixture_prior(
   inner = optax.identity() if use_em else (mixture_optimizer or _default_mixture_optimizer())
 
   def masked_leaves(params):
-    keep = masks.resolve_mask(mask, params, _default_mask)
+    keep = masks.resolve_mask(mask, params, masks.is_kernel_leaf)
     return [p for p, on in zip(jax.tree.leaves(params), jax.tree.leaves(keep)) if on]
 
   def new_mixture(weights):
@@ -340,7 +336,7 @@ def mixture_prior(
   @jax.jit
   def core(updates, state, params, s):
     m = state.mixture
-    keep = masks.resolve_mask(mask, params, _default_mask)
+    keep = masks.resolve_mask(mask, params, masks.is_kernel_leaf)
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     p_leaves = treedef.flatten_up_to(params)
     k_leaves = treedef.flatten_up_to(keep)
