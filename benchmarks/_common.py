@@ -10,6 +10,7 @@ test.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -25,6 +26,20 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A train/test split of a classification data set."""
+
+  x_train: Any
+  y_train: Any
+  x_test: Any
+  y_test: Any
 
 
 # ----------------------------------------------------------------------------
@@ -205,6 +220,25 @@ def now_utc() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def run_record(benchmark: str, started_utc: str, runtime_s: float, machine: dict,
+               extra_versions: Iterable[str] = ()) -> dict:
+  """The head of every result JSON: what ran, when, for how long, on what, with which code."""
+  import jax
+
+  now = now_utc()
+  return {
+      "benchmark": benchmark,
+      "created_utc": now,
+      "started_utc": started_utc,
+      "finished_utc": now,
+      "backend": jax.default_backend(),
+      "runtime_s": runtime_s,
+      "machine": machine,
+      "versions": versions(extra=extra_versions),
+      "source": source_info(),
+  }
+
+
 # ----------------------------------------------------------------------------
 # Output.
 
@@ -242,6 +276,22 @@ def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
   finally:
     plt.close(fig)
   return path
+
+
+def argument_parser(module: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+  """The options every reproduction script takes: ``--quick``, ``--out DIR``, ``--no-progress``."""
+  parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help=quick_help)
+  parser.add_argument("--out", default=RESULTS_DIR, help="directory for the results (default: %(default)s)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return parser
+
+
+def mean_std(values: Sequence[float]) -> dict:
+  """Mean, sample standard deviation (0 for one value), count and the values; NaNs are left out."""
+  values = [v for v in values if v == v]
+  return {"mean": statistics.fmean(values) if values else math.nan,
+          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values), "values": values}
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

@@ -40,7 +40,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,12 +73,7 @@ SHARING_AXIS = 0  # One group per output neuron of a Dense kernel (in, out).
 # Data.
 
 
-@dataclasses.dataclass(frozen=True)
-class Data:
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
+Data = _common.Data
 
 
 def load_data(seed: int = SEED) -> Data:

@@ -36,7 +36,6 @@ examples) and tested worse than the separate towers.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -178,19 +177,14 @@ def run(seeds: int, steps: int, progress: bool = True) -> dict[str, dict[str, li
 # Report.
 
 
-def _mean_std(values: list[float]) -> dict:
-  return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-          "n": len(values)}
-
-
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
   out = {}
   for name, rs in runs.items():
     out[name] = {
-        "test_loss": {t: _mean_std([r["test"][t] for r in rs]) for t in TASKS},
-        "test_loss_both": _mean_std([statistics.fmean(r["test"].values()) for r in rs]),
-        "train_loss": {t: _mean_std([r["train"][t] for r in rs]) for t in TASKS},
-        "kernel_gap": _mean_std([r["kernel_gap"] for r in rs]),
+        "test_loss": {t: _common.mean_std([r["test"][t] for r in rs]) for t in TASKS},
+        "test_loss_both": _common.mean_std([statistics.fmean(r["test"].values()) for r in rs]),
+        "train_loss": {t: _common.mean_std([r["train"][t] for r in rs]) for t in TASKS},
+        "kernel_gap": _common.mean_std([r["kernel_gap"] for r in rs]),
     }
   return out
 
@@ -210,11 +204,7 @@ def table(summary: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.tying", description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help=f"{QUICK['seeds']} seeds of {QUICK['steps']} steps (smoke test)")
-  parser.add_argument("--out", default=_common.RESULTS_DIR, help="directory for the JSON (default: %(default)s)")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser = _common.argument_parser("tying", __doc__, f"{QUICK['seeds']} seeds of {QUICK['steps']} steps (smoke test)")
   args = parser.parse_args(argv)
   seeds, steps = (QUICK["seeds"], QUICK["steps"]) if args.quick else (SEEDS, STEPS)
 

@@ -51,6 +51,7 @@ _CLUSTER_INITS = ("kmeans++", "linear")
 _REDUCTIONS = ("mean", "sum")
 _CHUNK = 1 << 16  # weights per block when assigning components (memory O(chunk × K))
 _LLOYD_MAX_ITERATIONS = 300
+_SEEDING_SAMPLE = 1 << 14  # weights drawn (with replacement) for the k-means++ seeding
 _HUFFMAN_LENGTH_BITS = 8  # a canonical Huffman table sends one code length per symbol
 
 
@@ -348,9 +349,10 @@ def cluster_weights(params: Any, num_clusters: int, *, mask: Any = None, key: ja
   centroids to the survivors and the index width is the same with or without
   pruning.
 
-  Initialization: ``"kmeans++"`` (seeded with ``key``) or ``"linear"`` (evenly
-  spaced over [min, max], Han et al.'s choice). Lloyd's iterations then run to
-  a fixed point in float64 on the host.
+  Initialization: ``"kmeans++"`` (seeded with ``key`` on a sample of 2^14
+  weights drawn with replacement) or ``"linear"`` (evenly spaced over
+  [min, max], Han et al.'s choice). Lloyd's iterations then run on all the
+  weights to a fixed point in float64 on the host.
 
   Args:
     params: a pytree of arrays.
@@ -399,7 +401,10 @@ def cluster_weights(params: Any, num_clusters: int, *, mask: Any = None, key: ja
       elif init == "linear":
         centres = _lloyd_1d(x, np.linspace(x[0], x[-1], k))
       else:
-        seeds = _kmeans_pp(jnp.asarray(x, jnp.float32), k, jax.random.fold_in(key, i))
+        # Seeded on a fixed-size sample, so the jitted seeding compiles once per k, not per tensor.
+        leaf_key = jax.random.fold_in(key, i)
+        pick = np.asarray(jax.random.randint(leaf_key, (_SEEDING_SAMPLE,), 0, x.size))
+        seeds = _kmeans_pp(jnp.asarray(x[pick], jnp.float32), k, leaf_key)
         centres = _lloyd_1d(x, np.asarray(seeds, np.float64))
       values[~pruned] = _nearest(w[~pruned], centres)
     return _leaf_from_values(path, values, np.shape(leaf), leaf.dtype)

@@ -196,9 +196,11 @@ def mixture_prior(
   (r_ij the responsibilities), i.e. it acts like ``optax.add_decayed_weights``:
   place it BEFORE the optimizer, ``optax.chain(ss.mixture_prior(...),
   optax.adam(lr))``. ``strength`` is the weight of the SUMMED negative log prior
-  against a MEAN data loss: τ/N in Ullrich et al.'s L = L_E + τ L_C with N
-  training examples. The default 1e-4 is gentle; Ullrich's LeNet tutorial
-  retrains with 3e-3.
+  against a MEAN data loss: τ/N in Ullrich et al.'s L = L_E + τ L_C with a
+  summed L_E over N training examples. The right value depends on N and the
+  mixture update; measured here: about 3e-6 (≈ 5e-3/N) for LeNet-300-100 on
+  4000 MNIST images (``benchmarks/compress_mnist.py``; 3e-5 and up destroyed
+  accuracy), 2e-4 for the digits MLP with ``"em"`` (``benchmarks/demo.py``).
 
   The weights' gradient uses the mixture as it is BEFORE this step; then the
   mixture moves:
