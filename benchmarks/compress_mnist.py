@@ -85,6 +85,12 @@ by our N = 4000 (1.25e-6). The EM mixture update (with the same Gamma priors)
 behaved like the gradient update (8.1 % at 40x with 1e-6). For LeNet-5 only
 3e-6 (the full run) and 1e-5 were tried: 1e-5 prunes to ~210x but leaves
 70 % error after quantizing at 12 retraining epochs (float error 8.3 %).
+Two later single-seed trials (same pretraining, seed 0, not in the JSON):
+5e-6 with 16 retraining epochs: 122.6x, but 6.2 % float and 7.6 % quantized
+error (7.4 % after 2 fine-tuning epochs); 4e-6 with 30 retraining epochs:
+96.4x at 3.70 % float, 4.00 % quantized and 3.90 % after 4 fine-tuning epochs,
+i.e. +0.2 points: just short of the 100x goal. Something like 4.5e-6 with 30+
+epochs is the next thing to run (about 10 minutes per trial on this CPU).
 
 Results of the full run (benchmarks/results/compress_mnist.json, 580 s; test
 error %, mean ± std over seeds; 1000 test images):
