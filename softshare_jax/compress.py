@@ -484,9 +484,16 @@ def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None
 
 
 class KeepClustersState(NamedTuple):
-  """State of :func:`keep_clusters`: the quantized leaves (codebooks and packed indices)."""
+  """State of :func:`keep_clusters`.
+
+  Attributes:
+    clusters: the quantized leaves (codebooks and packed indices), None elsewhere.
+    scales: per quantized leaf, ``(K,)`` factors applied to each cluster's summed
+      update: 1/|c| ("mean") or 1 ("sum"), and 0 for the zero cluster.
+  """
 
   clusters: Any
+  scales: Any
 
 
 def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.GradientTransformation:
@@ -542,25 +549,31 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
                          f"{tuple(np.shape(leaf))}, its quantized leaf {q.shape}.")
     return leaves, [q for _, q in flat]
 
+  def scale(q):
+    if q is None:
+      return None
+    k = q.codebook.shape[0]
+    factor = jnp.ones((k,), jnp.float32)
+    if reduce == "mean":
+      factor = factor / jnp.maximum(jax.ops.segment_sum(jnp.ones((q.size,), jnp.float32), q.unpacked(), k), 1.0)
+    return jnp.where(jnp.asarray(q.codebook) == 0, 0.0, factor)
+
   def init_fn(params):
     aligned(params, clusters, "params")
-    return KeepClustersState(clusters)
+    return KeepClustersState(clusters, jax.tree.map(scale, clusters, is_leaf=_is_qleaf_or_none))
 
   def update_fn(updates, state, params=None):
     del params
     leaves, qleaves = aligned(updates, state.clusters, "updates")
+    scales = jax.tree.leaves(state.scales, is_leaf=lambda x: x is None)
     out = []
-    for u, q in zip(leaves, qleaves):
+    for u, q, factor in zip(leaves, qleaves, scales):
       if u is None or q is None:
         out.append(u)
         continue
       idx = q.unpacked()
-      k = q.codebook.shape[0]
-      sums = jax.ops.segment_sum(u.reshape(-1).astype(jnp.float32), idx, k)
-      if reduce == "mean":
-        sums = sums / jnp.maximum(jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, k), 1.0)
-      agg = jnp.where(jnp.asarray(q.codebook) == 0, 0.0, sums)
-      out.append(agg[idx].reshape(u.shape).astype(u.dtype))
+      sums = jax.ops.segment_sum(u.reshape(-1).astype(jnp.float32), idx, q.codebook.shape[0])
+      out.append((sums * factor)[idx].reshape(u.shape).astype(u.dtype))
     treedef = jax.tree.structure(updates, is_leaf=lambda x: x is None)
     return jax.tree.unflatten(treedef, out), state
 

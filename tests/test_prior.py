@@ -117,21 +117,27 @@ def ref_mixture_cost(free, w, strength, has_zero, prior=None, zero_prior=None):
   return strength * cost
 
 
-@pytest.mark.parametrize("prior", [None, (3.0, 0.2)], ids=["no-prior", "gamma"])
-@pytest.mark.parametrize("zero_component", [True, False])
-def test_mixture_gradient_step(prior, zero_component):
-  strength, lr = 2e-3, 0.05
+def one_sgd_step(strength, lr, **kwargs):
+  """One update of mixture_prior(3, ...) with SGD on the mixture: (old, new, weights f64, old free params f64)."""
   params, updates = make_params(), make_updates()
-  zero_prior = (2.0, 0.01) if prior is not None else None
-  tx = ss.mixture_prior(3, strength, zero_component=zero_component, precision_prior=prior,
-                        zero_precision_prior=zero_prior, mixture_optimizer=optax.sgd(lr))
+  tx = ss.mixture_prior(3, strength, mixture_optimizer=optax.sgd(lr), **kwargs)
   state = tx.init(params)
   _, new_state = tx.update(updates, state, params)
   old, new = state.mixture, new_state.mixture
   w = np.concatenate([np.ravel(params["kernel"]), np.ravel(params["conv"])]).astype(np.float64)
+  free = tuple(np.asarray(x, np.float64) for x in (old.free_means, old.log_precisions, old.logits, old.zero_logit))
+  return old, new, w, free
+
+
+@pytest.mark.parametrize("prior", [None, (3.0, 0.2)], ids=["no-prior", "gamma"])
+@pytest.mark.parametrize("zero_component", [True, False])
+def test_mixture_gradient_step(prior, zero_component):
+  strength, lr = 2e-3, 0.05
+  zero_prior = (2.0, 0.01) if prior is not None else None
+  old, new, w, free = one_sgd_step(strength, lr, zero_component=zero_component, precision_prior=prior,
+                                   zero_precision_prior=zero_prior)
   with jax.enable_x64(True):
-    free = tuple(jnp.asarray(np.asarray(x, np.float64))
-                 for x in (old.free_means, old.log_precisions, old.logits, old.zero_logit))
+    free = tuple(jnp.asarray(x) for x in free)
     grads = jax.jit(jax.grad(ref_mixture_cost), static_argnums=(3, 4, 5))(
         free, jnp.asarray(w), strength, zero_component, prior, zero_prior)
     grads = [np.asarray(g) for g in grads]
@@ -146,16 +152,9 @@ def test_mixture_gradient_step(prior, zero_component):
 
 def test_learn_zero_weight_beta_prior():
   strength, lr = 2e-3, 0.05
-  params, updates = make_params(), make_updates()
-  tx = ss.mixture_prior(3, strength, learn_zero_weight=True, zero_weight_prior=(5.0, 2.0),
-                        mixture_optimizer=optax.sgd(lr))
-  state = tx.init(params)
-  _, new_state = tx.update(updates, state, params)
-  old, new = state.mixture, new_state.mixture
-  w = np.concatenate([np.ravel(params["kernel"]), np.ravel(params["conv"])]).astype(np.float64)
+  old, new, w, free = one_sgd_step(strength, lr, learn_zero_weight=True, zero_weight_prior=(5.0, 2.0))
   with jax.enable_x64(True):
-    free = tuple(jnp.asarray(np.asarray(x, np.float64))
-                 for x in (old.free_means, old.log_precisions, old.logits, old.zero_logit))
+    free = tuple(jnp.asarray(x) for x in free)
 
     def cost(f):
       z = f[3]
