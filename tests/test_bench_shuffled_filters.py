@@ -67,6 +67,19 @@ def test_locality_2d_hand_built():
   np.testing.assert_allclose(loc, [1.0, k * k / (h * h), 5 / 6], rtol=1e-12)
 
 
+def test_weighted_locality_pools_the_mass():
+  d, k = 40, 9
+  local = np.zeros(d)
+  local[3] = 0.5  # a nearly dead filter: one weight, locality 1, mass 0.5
+  uniform = np.full(d, -0.1)  # mass 4, locality 9/40
+  filters = np.stack([local, uniform, np.zeros(d)], axis=1)  # plus an all-zero filter
+  loc = sf.locality(filters, k, (d,))
+  want = (0.5 * 1.0 + 4.0 * k / d) / 4.5  # sum of in-window mass / total mass, by hand
+  assert math.isclose(sf.weighted_locality(filters, loc), want, rel_tol=1e-12)
+  assert math.isclose(float(np.nanmean(loc)), (1.0 + k / d) / 2, rel_tol=1e-12)  # the plain mean differs
+  assert math.isnan(sf.weighted_locality(np.zeros((d, 2)), sf.locality(np.zeros((d, 2)), k, (d,))))
+
+
 def test_locality_zero_filter_is_nan():
   loc = sf.locality(np.zeros((40, 2)), 9, (40,))
   assert np.all(np.isnan(loc))
@@ -185,6 +198,7 @@ def test_quick_run_writes_sane_json(tmp_path):
         assert 0.0 < r["distinct_fraction"] <= 1.0
         assert 0.0 <= r["zero_fraction"] < 1.0
         assert r["locality"] is None or 0.0 < r["locality"] <= 1.0 + 1e-9
+        assert r["locality_weighted"] is None or 0.0 < r["locality_weighted"] <= 1.0 + 1e-9
       s = report["summary"][name][method]
       accs = [r["test_acc"] for r in runs]
       assert s["test_acc"]["n"] == seeds
@@ -193,6 +207,7 @@ def test_quick_run_writes_sane_json(tmp_path):
     # The CNN on the original order is local by construction (window = kernel); on the
     # permuted order its filters, mapped back, are scrambled.
     assert math.isclose(report["summary"][name]["CNN, original"]["locality"]["mean"], 1.0, rel_tol=1e-9)
+    assert math.isclose(report["summary"][name]["CNN, original"]["locality_weighted"]["mean"], 1.0, rel_tol=1e-9)
     assert report["summary"][name]["CNN, permuted"]["locality"]["mean"] < 0.9
     # A plain FC layer has (almost) all weights distinct; the CNN's dense layer very few.
     assert report["summary"][name]["FC"]["distinct_fraction"]["mean"] > 0.9
