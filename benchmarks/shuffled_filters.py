@@ -144,10 +144,11 @@ filters are nearly dead: a filter left with one weight scores 1 in the mean
 but carries little mass. "Local" here means about half of the layer's mass
 in the best 9 of 40 positions, not the clean kernels of a CNN: the figure's
 largest filters still have weight outside their window. With ℓ1, MNIST-14
-gets more local filters but loses accuracy (50.2, below plain FC). Against the paper, our numbers are lower in
-absolute terms: we train on 4000 images (the paper's MNIST_14 uses 60k) with
-a narrower model and no batch norm or dropout, so plain FC overfits (train
-accuracy near 100%) and the regularizer's gain is what is measured, not the
+gets more local filters but loses accuracy (50.2, below plain FC). Against
+the paper, our numbers are lower in absolute terms: we train on 4000 images
+(the paper's MNIST_14 uses 60k) with a narrower model and no batch norm or
+dropout, so plain FC overfits (100% train accuracy on both datasets; FC +
+prox 97.6 / 98.3%) and the regularizer's gain is what is measured, not the
 paper's accuracy.
 """
 
