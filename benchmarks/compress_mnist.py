@@ -85,7 +85,8 @@ rates; with the faster mixture rates, 1e-6 gave 7.2 % quantized at 41x and
 3e-6 (weight lr 1e-3) 7.9 % at 69x. 3e-6 is about Ullrich's τ = 5e-3 divided
 by our N = 4000 (1.25e-6). The EM mixture update (with the same Gamma priors)
 behaved like the gradient update (8.1 % at 40x with 1e-6). For LeNet-5, first
-3e-6 (an earlier full run: 76x at +0.0 points with 16 retraining epochs) and 1e-5 were tried: 1e-5 prunes to ~210x but leaves
+3e-6 (an earlier full run: 76x at +0.0 points with 16 retraining epochs) and
+1e-5 were tried: 1e-5 prunes to ~210x but leaves
 70 % error after quantizing at 12 retraining epochs (float error 8.3 %).
 Later single-seed LeNet-5 trials (same pretraining, seed 0, on the test set;
 not in the JSON): 5e-6 with 16 retraining epochs: 122.6x, but 6.2 % float
