@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench reproduce clean
+.PHONY: demo test bench notebooks reproduce clean
 
 $(STAMP): pyproject.toml setup.py softshare_jax/_hostprox.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.prox_speed
+
+# Rebuilds the executed notebooks from their jupytext sources (notebooks/*.py).
+notebooks: $(STAMP)
+	$(PY) notebooks/build.py
 
 # The heavy runs whose output is committed under benchmarks/results/ (not in CI).
 reproduce: $(STAMP)

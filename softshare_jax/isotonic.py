@@ -23,6 +23,11 @@ Two kernels, one contract:
   sort, then linear-time pool adjacent violators) built at install time, or,
   without a compiler, :func:`prox_rows_numpy` (a packed-key NumPy sort and
   SciPy's pool-adjacent-violators, all rows in one call).
+
+The algorithms and the precision argument are written out in docs/design.md
+§4.2. The building blocks of the device kernel (:class:`Segments`,
+:func:`ramp`, :func:`pool`, :func:`violations`) are public here so that tests
+and benchmarks can drive the pooling rounds on their own.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from jax import lax
 from scipy import optimize as _sp_optimize
 
 try:  # The C host kernel, built at install time when a compiler is there.
-  from softshare_jax import _hostprox
+  from softshare_jax import _hostprox as host_kernel
 except ImportError:  # pragma: no cover - depends on the build.
-  _hostprox = None
+  host_kernel = None
 
 # Pooling rounds before the bounded-depth pass takes over. Gaussian weights with
 # a training-sized step settle in a handful; adversarial chains never would.
@@ -109,7 +114,7 @@ def _take(a, idx):
   return jnp.take_along_axis(a, idx, axis=-1, mode="clip")
 
 
-class _Segments:
+class Segments:
   """Sums of v = z − a(2k − d − 1) over [i, j), from prefix sums of z."""
 
   def __init__(self, z, a):
@@ -144,23 +149,28 @@ def _refit(seg, starts_mask):
   return st, seg.mean(st, en)
 
 
-def _violations(y, st):
+def violations(y: jax.Array, st: jax.Array) -> jax.Array:
+  """True at each block start whose fitted value is below the previous block's."""
   k = lax.broadcasted_iota(jnp.int32, y.shape, y.ndim - 1)
   prev = jnp.concatenate([jnp.full_like(y[..., :1], -jnp.inf), y[..., :-1]], axis=-1)
   return (st == k) & (prev > y)
 
 
-def _pool(seg, v, rounds):
-  """Parallel pooling: every run of adjacent violating blocks merges at once."""
+def pool(seg: Segments, v: jax.Array, rounds: int) -> tuple[jax.Array, jax.Array]:
+  """Parallel pooling: every run of adjacent violating blocks merges at once.
+
+  Runs at most ``rounds`` rounds (fewer when no violation is left) from the
+  singleton blocks of ``v``; returns the fit and each element's block start.
+  """
   k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
 
   def cond(carry):
     y, st, i = carry
-    return (i < rounds) & jnp.any(_violations(y, st))
+    return (i < rounds) & jnp.any(violations(y, st))
 
   def body(carry):
     y, st, i = carry
-    keep = (st == k) & ~_violations(y, st)
+    keep = (st == k) & ~violations(y, st)
     st, y = _refit(seg, keep)
     return y, st, i + 1
 
@@ -234,7 +244,8 @@ def _divide_and_conquer(seg, v):
   return y
 
 
-def _ramp(d, a):
+def ramp(d: int, a: jax.Array) -> jax.Array:
+  """``(rows, d)`` c_k = a (2k − d − 1), k = 1..d: what the prox subtracts from the sorted row."""
   k = jnp.arange(1, d + 1, dtype=jnp.float32)
   return a[:, None] * (2.0 * k - (d + 1))
 
@@ -250,10 +261,10 @@ def isotonic_fit_sorted(z: jax.Array, a: jax.Array, *, rounds: int = POOLING_ROU
   Returns:
     The fit, ``(rows, d)`` float32.
   """
-  seg = _Segments(z, a)
-  v = z - _ramp(z.shape[-1], a)
-  y, st = _pool(seg, v, rounds)
-  done = ~jnp.any(_violations(y, st))
+  seg = Segments(z, a)
+  v = z - ramp(z.shape[-1], a)
+  y, st = pool(seg, v, rounds)
+  done = ~jnp.any(violations(y, st))
   return lax.cond(done, lambda: y, lambda: _divide_and_conquer(seg, v))
 
 
@@ -306,12 +317,12 @@ def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
   Uses the C kernel (radix sort + pool adjacent violators, one pass each)
   when it was built, else :func:`prox_rows_numpy`.
   """
-  if _hostprox is None:
+  if host_kernel is None:
     return prox_rows_numpy(x, t)
   x = np.ascontiguousarray(x, dtype=np.float32)
   t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape[:-1]))
   out = np.empty_like(x)
-  _hostprox.prox_rows(x, t, x.shape[-1], out)
+  host_kernel.prox_rows(x, t, x.shape[-1], out)
   return out
 
 

@@ -2,31 +2,35 @@
 
 :func:`mixture_prior` adds the gradient of a learned mixture-of-Gaussians prior
 on the weights to the incoming updates and moves the mixture at every step.
-The mixture's math lives in :mod:`softshare_jax.mixture`.
+It is wiring: the arguments become a frozen :class:`_PriorConfig`, and each
+step is three short pure functions over the mixture math of
+:mod:`softshare_jax.mixture` (docs/design.md §4.1):
+
+1. :func:`_accumulate`: one chunked pass per masked leaf gives the weights'
+   gradient and the mixture's sufficient statistics;
+2. :func:`_em_update` or :func:`_gradient_update`: the mixture moves from the
+   statistics alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+import dataclasses
+from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
 
 from softshare_jax import _checks
 from softshare_jax import masks
-from softshare_jax import mixture as mixture_lib
-from softshare_jax.mixture import Mixture
-
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+from softshare_jax.mixture import _em
+from softshare_jax.mixture import _hyper
+from softshare_jax.mixture import _init
+from softshare_jax.mixture import _model
+from softshare_jax.mixture import _statistics
+from softshare_jax.mixture._model import Mixture
 
 _UPDATES = ("gradient", "em")
-_DEFAULT_CHUNK = 2**16
-# Ullrich et al.'s tutorial: Adam with these rates for means, log-precisions, logits.
-_LR_MEANS, _LR_LOG_PRECISIONS, _LR_LOGITS = 1e-4, 3e-3, 3e-3
 
 
 class MixturePriorState(NamedTuple):
@@ -38,140 +42,128 @@ class MixturePriorState(NamedTuple):
     inner_state: the mixture optimizer's state (``optax.EmptyState()`` for EM).
   """
 
-  count: chex.Array
+  count: jax.Array
   mixture: Mixture
   inner_state: optax.OptState
 
 
-# ----------------------------------------------------------------------------
-# Argument checks.
+def mixture_adam(means: float = 1e-4, log_precisions: float = 3e-3, logits: float = 3e-3, *,
+                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+  """Adam for a :class:`~softshare_jax.Mixture`, one learning rate per kind of parameter.
 
+  The default ``mixture_optimizer`` of :func:`mixture_prior`: Ullrich et al.'s
+  tutorial rates, 1e-4 for the means and 3e-3 for the log-precisions and the
+  mixing logits (the zero component's logit included).
 
-def _check_pair(name: str, value: Any) -> tuple[float, float] | None:
-  if value is None:
-    return None
-  try:
-    a, b = value
-    ok = all(isinstance(x, jax.core.Tracer) or (np.ndim(x) == 0 and float(x) > 0 and np.isfinite(float(x)))
-             for x in (a, b))
-  except (TypeError, ValueError):
-    ok = False
-  if not ok:
-    raise ValueError(f"{name} must be None or a pair of positive numbers (a, b), got {value!r}.")
-  return a, b
+  Args:
+    means: the learning rate of the free means.
+    log_precisions: the learning rate of the log-precisions γ.
+    logits: the learning rate of the mixing logits η and ζ.
+    b1, b2, eps: Adam's moment decays and epsilon, as ``optax.adam``.
 
+  Returns:
+    An ``optax.GradientTransformation`` over :class:`~softshare_jax.Mixture` trees.
 
-# ----------------------------------------------------------------------------
-# The mixture optimizer.
-
-
-def _default_mixture_optimizer() -> optax.GradientTransformation:
-  """Adam, with rates 1e-4 (means), 3e-3 (log-precisions), 3e-3 (logits)."""
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import softshare_jax as ss
+    >>> tx = ss.mixture_adam(means=1e-3)
+    >>> m = ss.init_mixture(jnp.linspace(-1.0, 1.0, 9), 2)
+    >>> m.free_means
+    Array([-1.,  1.], dtype=float32)
+    >>> steps, _ = tx.update(m, tx.init(m))   # with m as the gradient: Adam's first step is -rate * sign
+    >>> steps.free_means.round(4)
+    Array([ 0.001, -0.001], dtype=float32)
+    >>> tx = ss.mixture_prior(8, 1e-4, mixture_optimizer=ss.mixture_adam(means=3e-4))
+  """
+  for name, rate in (("means", means), ("log_precisions", log_precisions), ("logits", logits)):
+    _checks.check_nonnegative(name, rate)
 
   def scale(u, params):
     del params
-    return Mixture(
-        free_means=-_LR_MEANS * u.free_means,
-        log_precisions=-_LR_LOG_PRECISIONS * u.log_precisions,
-        logits=-_LR_LOGITS * u.logits,
-        zero_logit=-_LR_LOGITS * u.zero_logit,
-        has_zero=u.has_zero,
-    )
+    return dataclasses.replace(u, free_means=-means * u.free_means,
+                               log_precisions=-log_precisions * u.log_precisions,
+                               logits=-logits * u.logits, zero_logit=-logits * u.zero_logit)
 
-  return optax.chain(optax.scale_by_adam(), optax.stateless(scale))
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.stateless(scale))
 
 
-# ----------------------------------------------------------------------------
-# Chunked evaluation.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PriorConfig:
+  """The checked arguments of :func:`mixture_prior`."""
+
+  num_components: int
+  zero_component: bool
+  zero_weight: Any
+  learn_zero_weight: bool
+  zero_weight_prior: Any
+  precision_prior: Any
+  zero_precision_prior: Any
+  init: str
+  key: Any
+  use_em: bool
+  mask: Any
+  chunk: int
+
+  def masked(self, params: Any) -> Any:
+    """The mask as a pytree of bools (default: kernels)."""
+    return masks.resolve_mask(self.mask, params, masks.is_kernel_leaf)
+
+  def new_mixture(self, weights: list) -> Mixture:
+    """The starting mixture for the masked leaves; a placeholder when they have no values."""
+    kwargs = dict(zero_component=self.zero_component, zero_weight=self.zero_weight)
+    if not weights or any(isinstance(x, jax.ShapeDtypeStruct) for x in weights):
+      return _init.init_mixture(jnp.zeros((1,), jnp.float32), self.num_components, **kwargs)
+    return _init.init_mixture([jnp.asarray(x, jnp.float32) for x in weights], self.num_components,
+                              init=self.init, key=self.key, **kwargs)
 
 
-def _terms(m: Mixture, w: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, Any]:
-  """Weight gradient and ∂/∂mixture of −Σ log p, from one pass of responsibilities.
+def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
+                s: jax.Array) -> tuple[Any, _statistics.Statistics, bool]:
+  """Adds ``s · ∂/∂w [−log p(w)]`` to the masked updates; sums the statistics.
 
-  With r_ij the responsibilities, d_ij = w_i − μ_j and N the number of weights
-  (DESIGN.md 4.1):
-
-      ∂/∂w_i = Σ_j r_ij λ_j d_ij          ∂/∂μ_j = −λ_j Σ_i r_ij d_ij
-      ∂/∂γ_j = −½ Σ_i r_ij (1 − λ_j d_ij²)
-      ∂/∂η_j = s_j Σ_i (1 − r_i0) − Σ_i r_ij   (s = softmax(η); without a zero
-                                               component r_i0 = 0, s_j = π_j)
-      ∂/∂z   = N π_0 − Σ_i r_i0               (z: the zero component's logit)
-
-  Only per-component sums leave the pass, so nothing of size weights ×
-  components outlives a chunk. Returns the weight gradient and
-  ``(mixture gradient, EM statistics)``: Σ r, Σ r d, Σ r d² per component.
+  Returns the new updates, the statistics of all masked weights, and whether
+  any leaf was masked in.
   """
-  lj = mixture_lib._log_joint(m, w)  # pylint: disable=protected-access
-  r = jax.nn.softmax(lj, axis=-1)
-  if valid is not None:
-    r = jnp.where(valid[..., None], r, 0.0)
-  lam = m.precisions
-  d = w[..., None] - m.means
-  rd = r * d
-  gw = jnp.sum(rd * lam, axis=-1)
-  axes = tuple(range(r.ndim - 1))
-  sr, srd, srd2 = jnp.sum(r, axis=axes), jnp.sum(rd, axis=axes), jnp.sum(rd * d, axis=axes)
-  n = jnp.asarray(w.size if valid is None else jnp.sum(valid), jnp.float32)
-  g_mu = -lam * srd
-  g_gamma = -0.5 * (sr - lam * srd2)
-  if m.has_zero:
-    g_logits = jax.nn.softmax(m.logits) * (n - sr[0]) - sr[1:]
-    g_zero = n * m.weights[0] - sr[0]
-    g_mu = g_mu[1:]
-  else:
-    g_logits = m.weights * n - sr
-    g_zero = jnp.zeros_like(m.zero_logit)
-  grads = Mixture(free_means=g_mu, log_precisions=g_gamma, logits=g_logits,
-                  zero_logit=jnp.asarray(g_zero, jnp.float32), has_zero=m.has_zero)
-  return gw, (grads, (sr, srd, srd2))
+  u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+  p_leaves = treedef.flatten_up_to(params)
+  on_leaves = treedef.flatten_up_to(cfg.masked(params))
+  total, seen, out = _statistics.zero_statistics(m.num_components), False, []
+  for u, p, on in zip(u_leaves, p_leaves, on_leaves):
+    if not on:
+      out.append(u)
+      continue
+    grad_w, stats = _statistics.leaf_pass(m, jnp.asarray(p).astype(jnp.float32), cfg.chunk)
+    total, seen = _statistics.add(total, stats), True
+    out.append(None if u is None else (u.astype(jnp.float32) + s * grad_w).astype(u.dtype))
+  return treedef.unflatten(out), total, seen
 
 
-def _leaf_terms(m: Mixture, w: jax.Array, chunk: int) -> tuple[jax.Array, Any]:
-  """:func:`_terms` on one float32 leaf, ``chunk`` weights at a time when it is larger."""
-  n = int(w.size)
-  if n <= chunk:
-    return _terms(m, w, None)
-  pad = (-n) % chunk
-  flat = jnp.pad(jnp.ravel(w), (0, pad))
-  valid = jnp.arange(n + pad) < n
-  blocks, vblocks = flat.reshape(-1, chunk), valid.reshape(-1, chunk)
-
-  def body(acc, xs):
-    gw, gm = _terms(m, *xs)
-    return jax.tree.map(jnp.add, acc, gm), gw
-
-  k = m.num_components
-  zero = (jax.tree.map(jnp.zeros_like, m), tuple(jnp.zeros((k,), jnp.float32) for _ in range(3)))
-  gm, gws = lax.scan(body, zero, (blocks, vblocks))
-  return gws.reshape(-1)[:n].reshape(w.shape), gm
+def _em_update(cfg: _PriorConfig, m: Mixture, stats: _statistics.Statistics) -> Mixture:
+  """One undamped EM step from the statistics (the precision priors apply)."""
+  priors = _hyper.PrecisionPriors.of(cfg.precision_prior, cfg.zero_precision_prior)
+  return _em.m_step(m, stats, priors, 0.0, cfg.learn_zero_weight)
 
 
-def _hyper_cost(m: Mixture, precision_prior, zero_precision_prior, zero_weight_prior,
-                learn_zero_weight: bool) -> jax.Array:
-  """−log of the hyper-priors (up to constants): Gamma on each λ_j, Beta on π_0."""
-  gamma = jnp.asarray(m.log_precisions, jnp.float32)
-  k = gamma.shape[0]
-  is_zero = (jnp.arange(k) == 0) if m.has_zero else jnp.zeros((k,), bool)
-  cost = jnp.zeros((), jnp.float32)
-  for prior, sel in ((precision_prior, ~is_zero), (zero_precision_prior, is_zero)):
-    if prior is not None:
-      a, b = prior
-      term = -(a - 1.0) * gamma + b * jnp.exp(gamma)
-      cost = cost + jnp.sum(jnp.where(sel, term, 0.0))
-  if learn_zero_weight and m.has_zero and zero_weight_prior is not None and np.shape(m.free_means)[0] > 0:
-    a, b = zero_weight_prior
-    z = jnp.asarray(m.zero_logit, jnp.float32)
-    cost = cost - (a - 1.0) * jax.nn.log_sigmoid(z) - (b - 1.0) * jax.nn.log_sigmoid(-z)
-  return cost
-
-
-# ----------------------------------------------------------------------------
-# The transform.
+def _gradient_update(cfg: _PriorConfig, inner: optax.GradientTransformation, m: Mixture,
+                     stats: _statistics.Statistics, inner_state: Any, s: jax.Array) -> tuple[Mixture, Any]:
+  """One step of ``inner`` on ``s · ∂/∂mixture [−Σ log p(w) − log hyper-priors]``."""
+  g_hyper = jax.grad(_hyper.hyper_cost)(m, cfg.precision_prior, cfg.zero_precision_prior,
+                                        cfg.zero_weight_prior, cfg.learn_zero_weight)
+  grads = jax.tree.map(lambda a, b: s * (a + b), _statistics.mixture_gradient(m, stats), g_hyper)
+  if not cfg.learn_zero_weight:
+    grads = dataclasses.replace(grads, zero_logit=jnp.zeros_like(grads.zero_logit))
+  steps, inner_state = inner.update(grads, inner_state, m)
+  new = _model.as_float32(optax.apply_updates(m, steps))
+  new = dataclasses.replace(
+      new, log_precisions=jnp.clip(new.log_precisions, -_model.MAX_LOG_PRECISION, _model.MAX_LOG_PRECISION),
+      zero_logit=new.zero_logit if cfg.learn_zero_weight else m.zero_logit)
+  return new, inner_state
 
 
 def mixture_prior(
     num_components: int = 16,
-    strength: ScalarOrSchedule = 1e-4,
+    strength: optax.ScalarOrSchedule = 1e-4,
     *,
     zero_component: bool = True,
     zero_weight: float = 0.99,
@@ -218,7 +210,8 @@ def mixture_prior(
     The hyper-priors are scaled by ``strength`` like the data term, so the
     fixed point is the MAP mixture that ``"em"`` estimates. Log-precisions are
     clipped to ±60 afterwards. The default optimizer is Adam with rates 1e-4
-    (means), 3e-3 (log-precisions) and 3e-3 (logits), as in Ullrich's tutorial.
+    (means), 3e-3 (log-precisions) and 3e-3 (logits), as in Ullrich's tutorial
+    (:func:`mixture_adam`, which takes other rates).
   - ``mixture_update="em"``: one undamped :func:`~softshare_jax.em_step` on the
     masked weights (with the precision priors; ``zero_weight_prior`` is not
     used). ``mixture_optimizer`` is ignored.
@@ -229,10 +222,11 @@ def mixture_prior(
   (``num_components`` free components, plus the zero component when
   ``zero_component``). Under ``jax.ShapeDtypeStruct`` params ``init`` returns a
   placeholder mixture of the right structure. Large leaves are evaluated
-  ``chunk_size`` weights at a time (default 2**16), so the extra memory of the
-  weights' gradient is O(chunk_size × K), not O(#weights × K); the ``"em"``
-  update is not chunked. The math runs in float32; the updates keep their
-  dtypes.
+  ``chunk_size`` weights at a time (default 2**16), so the extra memory of
+  both updates is O(chunk_size × K), not O(#weights × K): the weights'
+  gradient, the mixture's gradient and the ``"em"`` update all come from the
+  same chunked pass (the sufficient statistics of docs/design.md §4.1). The
+  math runs in float32; the updates keep their dtypes.
 
   Args:
     num_components: F >= 1, the number of free components.
@@ -241,7 +235,8 @@ def mixture_prior(
     zero_weight: its initial proportion π_0 in (0, 1).
     learn_zero_weight: learn π_0 (otherwise it stays fixed).
     zero_weight_prior: None or a Beta prior (a, b) on π_0, a, b > 0.
-    precision_prior: None or a Gamma prior (α, β) on the free precisions.
+    precision_prior: None or a Gamma prior (α, β) on the free precisions,
+      α > 0, β >= 0.
     zero_precision_prior: None or a Gamma prior (α, β) on the zero precision.
     init: ``"range"``, ``"quantile"`` or ``"kmeans++"`` (needs ``key``).
     mixture_optimizer: an Optax transformation for the mixture's parameters.
@@ -278,112 +273,43 @@ def mixture_prior(
     >>> ss.get_mixture(state, 0).num_components, ss.get_mixture(state, 1).num_components
     (2, 5)
   """
-  if isinstance(num_components, bool) or not isinstance(num_components, (int, np.integer)) or num_components < 1:
-    raise ValueError(f"num_components must be an int >= 1, got {num_components!r}.")
+  f = _init.check_init_args(num_components, zero_weight, init, key)
   _checks.check_nonnegative("strength", strength)
-  if not isinstance(zero_weight, jax.core.Tracer):
-    try:
-      zw = float(zero_weight)
-    except (TypeError, ValueError):
-      zw = float("nan")
-    if not 0.0 < zw < 1.0:
-      raise ValueError(f"zero_weight must be in (0, 1), got {zero_weight!r}.")
-  zero_weight_prior = _check_pair("zero_weight_prior", zero_weight_prior)
-  precision_prior = _check_pair("precision_prior", precision_prior)
-  zero_precision_prior = _check_pair("zero_precision_prior", zero_precision_prior)
-  if init not in mixture_lib._INITS:  # pylint: disable=protected-access
-    raise ValueError(f"init must be one of {mixture_lib._INITS}, got {init!r}.")  # pylint: disable=protected-access
-  if init == "kmeans++" and key is None:
-    raise ValueError("key is required for init='kmeans++' (a jax.random key).")
-  if mixture_update not in _UPDATES:
-    raise ValueError(f"mixture_update must be one of {_UPDATES}, got {mixture_update!r}.")
-  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-                                 or chunk_size < 1):
-    raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
+  cfg = _PriorConfig(
+      num_components=f, zero_component=bool(zero_component), zero_weight=zero_weight,
+      learn_zero_weight=bool(learn_zero_weight),
+      zero_weight_prior=_hyper.check_beta_prior("zero_weight_prior", zero_weight_prior),
+      precision_prior=_hyper.check_gamma_prior("precision_prior", precision_prior),
+      zero_precision_prior=_hyper.check_gamma_prior("zero_precision_prior", zero_precision_prior),
+      init=init, key=key, use_em=_checks.check_choice("mixture_update", mixture_update, _UPDATES) == "em",
+      mask=mask,
+      chunk=_statistics.DEFAULT_CHUNK if chunk_size is None else _checks.check_int("chunk_size", chunk_size))
   if mixture_optimizer is not None and not (hasattr(mixture_optimizer, "init")
                                             and hasattr(mixture_optimizer, "update")):
     raise ValueError(f"mixture_optimizer must be an Optax transformation, got {mixture_optimizer!r}.")
-  chunk = int(chunk_size or _DEFAULT_CHUNK)
-  use_em = mixture_update == "em"
-  em_priors = (mixture_lib._prior_terms(precision_prior, "precision_prior")  # pylint: disable=protected-access
-               + mixture_lib._prior_terms(zero_precision_prior, "zero_precision_prior"))  # pylint: disable=protected-access
-  inner = optax.identity() if use_em else (mixture_optimizer or _default_mixture_optimizer())
-
-  def masked_leaves(params):
-    keep = masks.resolve_mask(mask, params, masks.is_kernel_leaf)
-    return [p for p, on in zip(jax.tree.leaves(params), jax.tree.leaves(keep)) if on]
-
-  def new_mixture(weights):
-    if not weights or any(isinstance(x, jax.ShapeDtypeStruct) for x in weights):
-      # No values: a placeholder with the right structure, shapes and dtypes.
-      return mixture_lib.init_mixture(jnp.zeros((1,), jnp.float32), int(num_components),
-                                      zero_component=zero_component, zero_weight=zero_weight)
-    return mixture_lib.init_mixture([jnp.asarray(x, jnp.float32) for x in weights], int(num_components),
-                                    zero_component=zero_component, zero_weight=zero_weight,
-                                    init=init, key=key)
+  inner = optax.identity() if cfg.use_em else (mixture_optimizer or mixture_adam())
 
   def init_fn(params):
-    m = new_mixture(masked_leaves(params))
-    inner_state = optax.EmptyState() if use_em else inner.init(m)
+    on = jax.tree.leaves(cfg.masked(params))
+    m = cfg.new_mixture([p for p, keep in zip(jax.tree.leaves(params), on) if keep])
+    inner_state = optax.EmptyState() if cfg.use_em else inner.init(m)
     return MixturePriorState(count=jnp.zeros([], jnp.int32), mixture=m, inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("mixture_prior needs params: call update(updates, state, params).")
-    s = strength(state.count) if callable(strength) else strength
-    # One compiled function (eager calls would dispatch many small ops).
-    return core(updates, state, params, jnp.asarray(s, jnp.float32))
+    _checks.require_params("mixture_prior", params)
+    s = jnp.asarray(_checks.value_at(strength, state.count), jnp.float32)
+    return step(updates, state, params, s)
 
-  @jax.jit
-  def core(updates, state, params, s):
-    m = state.mixture
-    keep = masks.resolve_mask(mask, params, masks.is_kernel_leaf)
-    u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-    p_leaves = treedef.flatten_up_to(params)
-    k_leaves = treedef.flatten_up_to(keep)
-
-    k = m.num_components
-    totals = (jax.tree.map(jnp.zeros_like, m), tuple(jnp.zeros((k,), jnp.float32) for _ in range(3)))
-    weights = []
-    out = []
-    for u, p, on in zip(u_leaves, p_leaves, k_leaves):
-      if not on:
-        out.append(u)
-        continue
-      w = jnp.asarray(p).astype(jnp.float32)
-      weights.append(w)
-      gw, terms = _leaf_terms(m, w, chunk)
-      totals = jax.tree.map(jnp.add, totals, terms)
-      out.append(None if u is None else (u.astype(jnp.float32) + s * gw).astype(u.dtype))
-    new_updates = treedef.unflatten(out)
-
-    inner_state = state.inner_state
-    grad_m, stats = totals
-    if weights and use_em:
-      f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-      m = mixture_lib.em_from_statistics(m, stats, *map(f32, em_priors), f32(0.0), learn_zero_weight)
-    elif weights:
-      g_hyper = jax.grad(lambda mm: _hyper_cost(mm, precision_prior, zero_precision_prior,
-                                                zero_weight_prior, learn_zero_weight))(m)
-      grads = jax.tree.map(lambda a, b: s * (a + b), grad_m, g_hyper)
-      if not learn_zero_weight:
-        grads = Mixture(grads.free_means, grads.log_precisions, grads.logits,
-                        jnp.zeros_like(grads.zero_logit), grads.has_zero)
-      steps, inner_state = inner.update(grads, inner_state, m)
-      m = optax.apply_updates(m, steps)
-      m = Mixture(
-          free_means=jnp.asarray(m.free_means, jnp.float32),
-          log_precisions=jnp.clip(jnp.asarray(m.log_precisions, jnp.float32),
-                                  -mixture_lib._MAX_LOG_PRECISION,  # pylint: disable=protected-access
-                                  mixture_lib._MAX_LOG_PRECISION),  # pylint: disable=protected-access
-          logits=jnp.asarray(m.logits, jnp.float32),
-          zero_logit=(jnp.asarray(m.zero_logit, jnp.float32) if learn_zero_weight
-                      else state.mixture.zero_logit),
-          has_zero=m.has_zero,
-      )
-    return new_updates, MixturePriorState(count=optax.safe_increment(state.count), mixture=m,
-                                           inner_state=inner_state)
+  @jax.jit  # One compiled function: eager calls would dispatch many small ops.
+  def step(updates, state, params, s):
+    m, inner_state = state.mixture, state.inner_state
+    updates, stats, seen = _accumulate(cfg, m, updates, params, s)
+    if seen and cfg.use_em:
+      m = _em_update(cfg, m, stats)
+    elif seen:
+      m, inner_state = _gradient_update(cfg, inner, m, stats, inner_state, s)
+    return updates, MixturePriorState(optax.safe_increment(state.count), m, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -4,80 +4,34 @@
 
 pulls every pair of weights in a group together; its proximal map merges
 weights into clusters of exactly equal values, which is weight sharing that the
-network discovers by itself. ``axis`` names the axes that form one group, like
-a reduction axis: ``None`` makes the whole leaf one group, ``axis=0`` on a
-Dense kernel ``(in, out)`` gives one group per output neuron.
+network discovers by itself (docs/design.md §4.2). The isotonic kernels that
+solve the prox live in :mod:`softshare_jax.isotonic`; the Optax transform that
+applies it after an optimizer step in :mod:`softshare_jax.sharing_prox`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
-from softshare_jax import isotonic
 from softshare_jax import _checks
-from softshare_jax import masks
+from softshare_jax import isotonic
+from softshare_jax._groups import Axis
+from softshare_jax._groups import to_rows
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
-Axis = Union[None, int, Sequence[int]]
-
-_METHODS = ("auto", "device", "host")
-
-
-# ----------------------------------------------------------------------------
-# Argument checks.
+METHODS = ("auto", "device", "host")
 
 
-def _check_float(x: jax.Array) -> None:
+def check_float(x: jax.Array) -> None:
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise ValueError(
         f"x must be a floating-point array, got dtype {jnp.result_type(x)}; "
         "cast it first, e.g. x.astype(jnp.float32)."
     )
-
-
-def _group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
-  if axis is None:
-    return tuple(range(ndim))
-  if isinstance(axis, (jax.Array, np.ndarray)) and np.ndim(axis) == 0 and not isinstance(axis, jax.core.Tracer):
-    axis = int(axis)
-  if not isinstance(axis, (int, np.integer, tuple, list)):
-    raise ValueError(
-        f"axis must be None, an int or a tuple of ints, got {type(axis).__name__}. "
-        "Under optax.inject_hyperparams, pass static_args=('axis',)."
-    )
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-  out = []
-  for a in axes:
-    if not isinstance(a, (int, np.integer)) or not -ndim <= a < max(ndim, 1):
-      raise ValueError(f"axis {axis!r} is out of range for an array of rank {ndim}.")
-    out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"axis {axis!r} repeats an axis.")
-  return tuple(sorted(out))
-
-
-def _to_rows(x: jax.Array, axis: Axis) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-  """Reshapes ``x`` to ``(groups, d)``; returns the rows and the inverse map."""
-  axes = _group_axes(x.ndim, axis)
-  rest = tuple(a for a in range(x.ndim) if a not in axes)
-  moved = jnp.transpose(x, rest + axes)
-  d = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-  rows = moved.reshape(-1, d)
-  inverse_perm = tuple(int(i) for i in np.argsort(rest + axes))
-
-  def back(r):
-    return jnp.transpose(r.reshape(moved.shape), inverse_perm)
-
-  return rows, back
 
 
 # ----------------------------------------------------------------------------
@@ -98,8 +52,8 @@ def weight_sharing_penalty(x: jax.Array, axis: Axis = None) -> jax.Array:
     3.0
   """
   x = jnp.asarray(x)
-  _check_float(x)
-  rows, _ = _to_rows(x, axis)
+  check_float(x)
+  rows, _ = to_rows(x, axis)
   d = rows.shape[-1]
   if d < 2 or rows.size == 0:
     return jnp.zeros((), jnp.result_type(x, jnp.float32))
@@ -214,12 +168,11 @@ def prox_weight_sharing(
     Array([0.075, 0.075, 0.9  ], dtype=float32)
   """
   x = jnp.asarray(x)
-  _check_float(x)
+  check_float(x)
   _checks.check_nonnegative("strength", strength)
   _checks.check_nonnegative("l1", l1)
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-  rows, back = _to_rows(x, axis)
+  _checks.check_choice("method", method, METHODS)
+  rows, back = to_rows(x, axis)
   t = jnp.asarray(strength, jnp.float32)
   s = jnp.asarray(l1, jnp.float32)
   if t.ndim or s.ndim:
@@ -232,158 +185,3 @@ def prox_weight_sharing(
   else:
     out = _prox_rows(r32, t, s, method)
   return back(out).astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------
-# The Optax transformation.
-
-
-class WeightSharingProxState(NamedTuple):
-  """State of :func:`weight_sharing_prox`: the step count, for schedules."""
-
-  count: chex.Array
-
-
-def _value_at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return value(count) if callable(value) else value
-
-
-def weight_sharing_prox(
-    strength: ScalarOrSchedule,
-    learning_rate: ScalarOrSchedule,
-    *,
-    l1: float = 0.0,
-    axis: Axis = None,
-    mask: Any = None,
-    method: str = "auto",
-) -> optax.GradientTransformationExtraArgs:
-  """Proximal step of the weight-sharing regularizer, after any optimizer.
-
-  Turns the optimizer's step ``u`` into ``prox(w + u) − w``, so that
-  ``optax.apply_updates`` lands on the prox of the tentative new weights:
-
-      w ← prox_{η_t·λ·R + η_t·l1·‖·‖₁}(w + u),   η_t = learning_rate(count)
-
-  This is proximal gradient descent on ``loss + λ R(w) + l1 ‖w‖₁``. Place it
-  LAST in the chain, after the optimizer has produced its final step (its
-  ``learning_rate`` should be the optimizer's, so the prox step matches).
-
-  Args:
-    strength: λ >= 0, float or schedule.
-    learning_rate: η >= 0, float or optax schedule (the optimizer's).
-    l1: weight of an ℓ1 term, scaled by the learning rate like ``strength``.
-    axis: the axes that form one group (see :func:`prox_weight_sharing`).
-    mask: which leaves (a pytree of bools or a callable, as in ``optax.masked``;
-      default: every floating-point leaf). Others pass through.
-    method: as in :func:`prox_weight_sharing`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
-    Under ``optax.inject_hyperparams`` (to change ``strength`` or
-    ``learning_rate`` during training), mark an int ``axis`` static:
-    ``optax.inject_hyperparams(ss.weight_sharing_prox, static_args=("axis",))``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import softshare_jax as ss
-    >>> params = {"w": jnp.array([0.30, 0.31, -0.2, 0.9])}
-    >>> tx = optax.chain(optax.sgd(0.1), ss.weight_sharing_prox(0.5, 0.1))
-    >>> state = tx.init(params)
-    >>> grads = jax.tree.map(jnp.zeros_like, params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> ss.sharing_stats(params).total.distinct  # 0.30 and 0.31 merged
-    3
-  """
-  _checks.check_nonnegative("strength", strength)
-  _checks.check_nonnegative("learning_rate", learning_rate)
-  _checks.check_nonnegative("l1", l1)
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-
-  def init_fn(params):
-    del params
-    return WeightSharingProxState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("weight_sharing_prox needs params: call update(updates, state, params).")
-    lr = _value_at(learning_rate, state.count)
-    t = _value_at(strength, state.count) * lr
-    s = l1 * lr
-    keep = masks.resolve_mask(mask, params, masks.is_float_leaf)
-
-    def step(u, p, on):
-      if u is None or not on:
-        return u
-      w = p.astype(jnp.float32) + u.astype(jnp.float32)
-      new = prox_weight_sharing(w, t, l1=s, axis=axis, method=method)
-      return (new - p.astype(jnp.float32)).astype(u.dtype)
-
-    updates = jax.tree.map(step, updates, params, keep, is_leaf=lambda u: u is None)
-    return updates, WeightSharingProxState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------
-# Statistics.
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafStats:
-  """Counts for one leaf (or the total): weights, distinct values, exact zeros."""
-
-  weights: int
-  distinct: int
-  zeros: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SharingStats:
-  """Per-leaf and total :class:`LeafStats`; ``str()`` is a table.
-
-  ``total.distinct`` adds up the leaves' distinct values: the codebook entries
-  needed when every leaf keeps its own codebook.
-  """
-
-  leaves: dict[str, LeafStats]
-  total: LeafStats
-
-  def to_dict(self) -> dict:
-    return {"leaves": {k: dataclasses.asdict(v) for k, v in self.leaves.items()},
-            "total": dataclasses.asdict(self.total)}
-
-  def __str__(self) -> str:
-    rows = [(k, v) for k, v in self.leaves.items()] + [("total", self.total)]
-    width = max(len("leaf"), *(len(k) for k, _ in rows))
-    lines = [f"{'leaf':<{width}} {'weights':>10} {'distinct':>10} {'zeros':>10}"]
-    lines += [f"{k:<{width}} {v.weights:>10} {v.distinct:>10} {v.zeros:>10}" for k, v in rows]
-    return "\n".join(lines)
-
-
-def sharing_stats(params: Any, mask: Any = None) -> SharingStats:
-  """How much the weights share: per leaf, the weights, distinct values and zeros.
-
-  Args:
-    params: a pytree of arrays.
-    mask: which leaves to count (pytree of bools or callable; default: every
-      floating-point leaf).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import softshare_jax as ss
-    >>> stats = ss.sharing_stats({"w": jnp.array([0.0, 0.5, 0.5, 0.0])})
-    >>> stats.leaves["w"]
-    LeafStats(weights=4, distinct=2, zeros=2)
-  """
-  keep = masks.resolve_mask(mask, params, masks.is_float_leaf)
-  leaves = {}
-  for (path, leaf), (_, on) in zip(masks.leaves_with_paths(params), masks.leaves_with_paths(keep)):
-    if not on:
-      continue
-    a = np.asarray(jax.device_get(leaf)).ravel()
-    leaves[path] = LeafStats(int(a.size), int(np.unique(a).size), int(np.count_nonzero(a == 0)))
-  total = LeafStats(*(sum(getattr(v, f) for v in leaves.values()) for f in ("weights", "distinct", "zeros")))
-  return SharingStats(leaves, total)

@@ -27,23 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-try:  # Gone from some JAX releases; without it the partitioner picks the layout.
-  from jax.experimental.shard_alike import shard_alike
-except ImportError:  # pragma: no cover - depends on the JAX version.
-  shard_alike = None
-
 from softshare_jax import _checks
 from softshare_jax import masks
-
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+from softshare_jax._sharding import like
 
 _REDUCTIONS = ("sum", "mean")
 _VARIABLE_VALUE = ("value", "raw_value")  # The attribute Flax NNX Variables flatten through.
@@ -198,19 +191,8 @@ def _symmetric(group: Sequence[tuple[int, bool]]) -> bool:
   return len({i for i, _ in group}) < len(group)
 
 
-def _like(u: jax.Array, new: jax.Array) -> jax.Array:
-  """``new`` in ``u``'s dtype and sharding (a transposed view would otherwise
-  let the partitioner pick the transposed layout for the result)."""
-  new = new.astype(u.dtype)
-  return new if shard_alike is None else shard_alike(u, new)[1]
-
-
 def _compute_dtype(leaves: Sequence[Any]) -> Any:
   return functools.reduce(jnp.promote_types, [leaf.dtype for leaf in leaves], jnp.dtype(jnp.float32))
-
-
-# ----------------------------------------------------------------------------
-# Argument checks.
 
 
 # ----------------------------------------------------------------------------
@@ -220,10 +202,10 @@ def _compute_dtype(leaves: Sequence[Any]) -> Any:
 class SoftTieState(NamedTuple):
   """State of :func:`soft_tie`: the step count, for a ``strength`` schedule."""
 
-  count: chex.Array
+  count: jax.Array
 
 
-def soft_tie(groups: Sequence[Sequence[Member]], strength: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def soft_tie(groups: Sequence[Sequence[Member]], strength: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
   """Soft tying: a penalty that pulls the members of each group together.
 
   Adds the gradient of ``P(w) = λ/2 Σ_m ‖v_m − v̄‖²`` (``v_m`` a member's view
@@ -274,9 +256,8 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: ScalarOrSchedule) -> 
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("soft_tie needs params: call update(updates, state, params).")
-    lam = strength(state.count) if callable(strength) else strength
+    _checks.require_params("soft_tie", params)
+    lam = _checks.value_at(strength, state.count)
     u_flat, p_flat = _flatten(updates), _flatten(params)
     p_groups = _resolve("soft_tie", p_flat, parsed)
     u_groups = _resolve("soft_tie", u_flat, parsed, what="update")
@@ -294,7 +275,7 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: ScalarOrSchedule) -> 
         pulls[j] = pull if j not in pulls else pulls[j] + pull
       for j, pull in pulls.items():
         u = u_flat.leaves[j]
-        new[j] = _like(u, u.astype(dtype) + lam * pull)
+        new[j] = like(u, u.astype(dtype) + lam * pull)
     updates = jax.tree_util.tree_unflatten(u_flat.treedef, new)
     return updates, SoftTieState(count=optax.safe_increment(state.count))
 
@@ -350,8 +331,7 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
     (Array([[11., 22.]], dtype=float32), Array([[11.], [22.]], dtype=float32))
   """
   parsed = _parse_groups("hard_tie", groups)
-  if reduce not in _REDUCTIONS:
-    raise ValueError(f"hard_tie: reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+  _checks.check_choice("hard_tie: reduce", reduce, _REDUCTIONS)
 
   def init_fn(params):
     _resolve("hard_tie", _flatten(params), parsed)
@@ -376,7 +356,7 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
       for j, t in live:
         plain[j] = plain.get(j, False) or not t
       for j, is_plain in plain.items():
-        new[j] = _like(flat.leaves[j], _orient(agg, not is_plain))
+        new[j] = like(flat.leaves[j], _orient(agg, not is_plain))
     return jax.tree_util.tree_unflatten(flat.treedef, new), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -91,8 +91,6 @@ TRANSFORMS = [
     ),
 ]
 
-parametrize_transforms = pytest.mark.parametrize("entry", TRANSFORMS)
-
 # ----------------------------------------------------------------------------
 # Data.
 
@@ -121,6 +119,17 @@ def make_updates(seed: int = 1, dtype=jnp.float32, scale: float = 0.1) -> dict:
 def stacked_updates(n: int, seed: int = 10) -> dict:
   steps = [make_updates(seed + i) for i in range(n)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *steps)
+
+
+# keep_clusters acts on a quantized tree with the params' structure: the
+# kernel clustered into 8 shared values, the bias kept.
+_CLUSTERED = ss.cluster_weights(make_params(), 8, key=jax.random.key(0))
+TRANSFORMS += [
+    pytest.param(Entry(ss.keep_clusters, dict(quantized=_CLUSTERED)), id="keep_clusters"),
+    pytest.param(Entry(ss.keep_clusters, dict(quantized=_CLUSTERED, reduce="sum")), id="keep_clusters-sum"),
+]
+
+parametrize_transforms = pytest.mark.parametrize("entry", TRANSFORMS)
 
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -393,3 +402,16 @@ def test_sharded_params(entry, kernel_spec):
     assert got.is_equivalent_to(sharding, out[name].ndim), (
         f"{name}: update sharding {got} is not the param sharding {sharding}"
     )
+
+
+def test_every_transform_of_the_package_is_in_the_suite():
+  import inspect
+
+  factories = {getattr(ss, name) for name in ss.__all__
+               if callable(getattr(ss, name)) and not inspect.isclass(getattr(ss, name))
+               and "GradientTransformationExtraArgs" in str(inspect.signature(getattr(ss, name)).return_annotation)}
+  tested = {p.values[0].factory_fn for p in TRANSFORMS}
+  assert {ss.mixture_prior, ss.weight_sharing_prox, ss.keep_clusters} <= factories
+  assert factories == tested, f"not in TRANSFORMS: {factories - tested}"
+  for p in TRANSFORMS:
+    assert isinstance(p.values[0](), optax.GradientTransformationExtraArgs), p.id

@@ -1,7 +1,7 @@
 """Mixture of Gaussians: densities, responsibilities, initializers, EM, merging.
 
 References are independent of the package: mixtures of ``scipy.stats.norm.pdf``
-in float64, the DESIGN 4.1 gradient and the closed-form M-step written out in
+in float64, the docs/design.md §4.1 gradient and the closed-form M-step written out in
 NumPy float64, and ``np.quantile`` / ``np.linspace`` for the initializers.
 """
 

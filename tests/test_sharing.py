@@ -98,7 +98,7 @@ def tol(x, t):
 
 
 # ----------------------------------------------------------------------------
-# Inputs, including the hard ones of DESIGN.md 4.2.
+# Inputs, including the hard ones of docs/design.md §4.2.
 
 
 def chain_input(d):
@@ -170,10 +170,10 @@ def test_chain_defeats_pooling_so_the_bounded_depth_pass_runs():
   x, t = chain_input(200)
   z = jnp.sort(jnp.asarray(x))[None]
   a = jnp.asarray([t / 199], jnp.float32)
-  seg = isotonic._Segments(z, a)
-  v = z - isotonic._ramp(200, a)
-  y, starts = isotonic._pool(seg, v, isotonic.POOLING_ROUNDS)
-  assert bool(jnp.any(isotonic._violations(y, starts)))
+  seg = isotonic.Segments(z, a)
+  v = z - isotonic.ramp(200, a)
+  y, starts = isotonic.pool(seg, v, isotonic.POOLING_ROUNDS)
+  assert bool(jnp.any(isotonic.violations(y, starts)))
   fit = isotonic.isotonic_fit_sorted(z, a)
   np.testing.assert_allclose(np.asarray(fit[0]), np.sort(reference_prox(x, t)), atol=tol(x, t))
 
@@ -200,7 +200,7 @@ def test_prox_with_l1_equals_qp(seed):
 
 
 # ----------------------------------------------------------------------------
-# Properties (DESIGN.md 4.2).
+# Properties (docs/design.md §4.2).
 
 # A few sizes only: every new size compiles the device kernel again.
 vectors = hnp.arrays(
@@ -464,4 +464,4 @@ def test_c_kernel_is_built_where_a_compiler_is():
 
   if not (shutil.which("cc") or shutil.which("gcc")):
     pytest.skip("no C compiler: the host method uses the NumPy fallback")
-  assert isotonic._hostprox is not None, "the C host kernel did not build: reinstall with `make clean test`"
+  assert isotonic.host_kernel is not None, "the C host kernel did not build: reinstall with `make clean test`"

@@ -1,0 +1,130 @@
+"""Fine-tuning after quantization with the clusters kept: an Optax transform."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from softshare_jax import _checks
+from softshare_jax import masks
+from softshare_jax._sharding import like
+from softshare_jax.compress._format import check_quantized
+from softshare_jax.compress._format import is_qleaf
+from softshare_jax.compress._format import is_qleaf_or_none
+from softshare_jax.compress._format import Quantized
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class KeepClustersState(NamedTuple):
+  """State of :func:`keep_clusters`.
+
+  Attributes:
+    clusters: the quantized leaves (codebooks and packed indices), None elsewhere.
+    scales: per quantized leaf, ``(K,)`` factors applied to each cluster's summed
+      update: 1/|c| ("mean") or 1 ("sum"), and 0 for the zero cluster.
+  """
+
+  clusters: Any
+  scales: Any
+
+
+def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.GradientTransformationExtraArgs:
+  """Fine-tuning after quantization: one update per cluster, zeros kept at zero.
+
+  For each quantized leaf, weight i in cluster c(i) gets
+
+      u_i ← A_c(i),   A_c = 1/|c| Σ_{j∈c} u_j  ("mean")  or  Σ_{j∈c} u_j  ("sum")
+
+  and A_c = 0 for the cluster whose codebook value is exactly 0 (pruned
+  weights). ``"sum"`` is the gradient of one truly shared value (what
+  Deep Compression's centroid fine-tuning and HashedNets train). Place it
+  BEFORE the optimizer, starting from ``dequantize(quantized)``:
+  ``optax.chain(ss.keep_clusters(q), optax.adam(1e-4))``. Every weight of a
+  cluster then sees the same gradient, so any optimizer that treats elements
+  alike (SGD, momentum, Adam, ...) keeps them equal, and zeros get zero
+  gradients and stay zero. Leaves that were not quantized pass through. Leaves
+  are matched by their paths, so it also acts on a part of the tree (inside
+  ``optax.masked`` or ``optax.partition``); a leaf the quantized tree lacks
+  is an error.
+
+  Args:
+    quantized: a :class:`Quantized` (from :func:`quantize`,
+      :func:`cluster_weights` or :func:`hash_clusters`).
+    reduce: ``"mean"`` (default) or ``"sum"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state holds the packed indices
+    (2–8 bits per weight).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import softshare_jax as ss
+    >>> q = ss.quantize({"w": jnp.array([[0.5, 0.0], [0.5, 0.5]])}, None)
+    >>> tx = optax.chain(ss.keep_clusters(q), optax.sgd(1.0))
+    >>> params = ss.dequantize(q)
+    >>> updates, _ = tx.update({"w": jnp.array([[1.0, 9.0], [2.0, 3.0]])}, tx.init(params))
+    >>> updates["w"]
+    Array([[-2., -0.], [-2., -2.]], dtype=float32)
+  """
+  check_quantized(quantized)
+  _checks.check_choice("reduce", reduce, _REDUCTIONS)
+  clusters = jax.tree.map(lambda x: x if is_qleaf(x) else None, quantized.tree, is_leaf=is_qleaf)
+  known = [path for path, _ in quantized.leaves_with_paths()]
+
+  def by_path(state):
+    """path -> (quantized leaf, scales) for the quantized leaves held in ``state``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state.clusters, is_leaf=is_qleaf_or_none)
+    scales = jax.tree.leaves(state.scales, is_leaf=lambda x: x is None)
+    return {masks.path_str(p): (q, f) for (p, q), f in zip(flat, scales) if q is not None}
+
+  def matched(tree, quantized_leaves, what):
+    """The tree's leaves and, for those that were quantized, ``(index, entry)``.
+
+    Leaves are matched by path, so the transform also works on a part of the
+    tree (inside ``optax.masked`` or ``optax.partition``).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    hits = []
+    for i, (keys, leaf) in enumerate(flat):
+      path = masks.path_str(keys)
+      if path not in known:
+        raise ValueError(f"keep_clusters: the {what} have a leaf {path!r} that the quantized tree lacks "
+                         f"(its leaves: {known}); build the params with ss.dequantize(quantized).")
+      entry = quantized_leaves.get(path)
+      if entry is None or leaf is None:
+        continue
+      if tuple(np.shape(leaf)) != entry[0].shape:
+        raise ValueError(f"keep_clusters: {what} leaf {path!r} has shape {tuple(np.shape(leaf))}, "
+                         f"its quantized leaf {entry[0].shape}.")
+      hits.append((i, entry))
+    return [leaf for _, leaf in flat], treedef, hits
+
+  def scale(q):
+    if q is None:
+      return None
+    k = q.codebook.shape[0]
+    factor = jnp.ones((k,), jnp.float32)
+    if reduce == "mean":
+      factor = factor / jnp.maximum(jax.ops.segment_sum(jnp.ones((q.size,), jnp.float32), q.unpacked(), k), 1.0)
+    return jnp.where(jnp.asarray(q.codebook) == 0, 0.0, factor)
+
+  def init_fn(params):
+    state = KeepClustersState(clusters, jax.tree.map(scale, clusters, is_leaf=is_qleaf_or_none))
+    matched(params, by_path(state), "params")
+    return state
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef, hits = matched(updates, by_path(state), "updates")
+    for i, (q, factor) in hits:
+      u, idx = leaves[i], q.unpacked()
+      sums = jax.ops.segment_sum(u.reshape(-1).astype(jnp.float32), idx, q.codebook.shape[0])
+      leaves[i] = like(u, (sums * factor)[idx].reshape(u.shape))
+    return jax.tree_util.tree_unflatten(treedef, leaves), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
