@@ -4,8 +4,12 @@ Every benchmark script in this folder measures with :func:`time_call`, records
 :func:`machine_info` and :func:`versions` next to its numbers, prints with
 :func:`format_table`, and writes its JSON with :func:`write_json_atomic` (a
 temporary file in the target directory, then ``os.replace``), so a reader never
-sees a half-written result file. Speed is measured here, never asserted in a
-test.
+sees a half-written result file (:class:`Recorder` does the timing, the head of
+the JSON and the writing for a whole run). Speed is measured here, never
+asserted in a test. Also here: :func:`progress_bar`, :func:`mean_std` and
+:func:`fmt_mean_std` for results over seeds, :func:`mixture_dict`, and the
+figure helpers :func:`pyplot`, :func:`hist_with_mixture`, :func:`save_figure`.
+Data sets are in ``_data``, training and evaluation in ``_train``.
 """
 
 from __future__ import annotations
@@ -26,20 +30,6 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-# ----------------------------------------------------------------------------
-# Data.
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-  """A train/test split of a classification data set."""
-
-  x_train: Any
-  y_train: Any
-  x_test: Any
-  y_test: Any
 
 
 # ----------------------------------------------------------------------------
@@ -217,6 +207,7 @@ def source_info(package: str = "softshare_jax") -> dict:
 
 
 def now_utc() -> str:
+  """The time now, UTC, ISO 8601 to the second."""
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -237,6 +228,31 @@ def run_record(benchmark: str, started_utc: str, runtime_s: float, machine: dict
       "versions": versions(extra=extra_versions),
       "source": source_info(),
   }
+
+
+class Recorder:
+  """One reproduction run: made at its start, then :meth:`stop` and :meth:`write` its result JSON.
+
+  The JSON starts with :func:`run_record`'s head (what ran, when, for how
+  long, on what, with which code) and goes to ``<out>/<benchmark>.json``.
+  """
+
+  def __init__(self, benchmark: str, extra_versions: Iterable[str] = ()):
+    self.benchmark, self.extra_versions = benchmark, tuple(extra_versions)
+    self.machine = machine_info()  # Before the run: the load average is the other processes'.
+    self.started_utc = now_utc()
+    self._start = time.perf_counter()
+    self.elapsed_s = math.nan
+
+  def stop(self) -> float:
+    """Seconds since the start; they are the runtime that :meth:`write` records."""
+    self.elapsed_s = time.perf_counter() - self._start
+    return self.elapsed_s
+
+  def write(self, out_dir: str, body: dict, name: str | None = None) -> str:
+    """Writes the head, then ``body``, to ``<out_dir>/<name>.json`` (default name: the benchmark's); returns the path."""
+    head = run_record(self.benchmark, self.started_utc, self.elapsed_s, self.machine, self.extra_versions)
+    return write_json_atomic(os.path.join(out_dir, f"{name or self.benchmark}.json"), {**head, **body})
 
 
 # ----------------------------------------------------------------------------
@@ -263,6 +279,16 @@ def write_json_atomic(path: str, obj: Any) -> str:
   text = json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n"
   _files.write_bytes_atomic(path, text.encode("utf-8"))
   return path
+
+
+def pyplot() -> Any:
+  """``matplotlib.pyplot`` on the Agg backend: the scripts write files and need no display."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
 
 
 def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
@@ -294,6 +320,88 @@ def mean_std(values: Sequence[float]) -> dict:
           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values), "values": values}
 
 
+class _NoBar:
+  """Stands in for a tqdm bar where tqdm is not installed: the same methods, showing nothing."""
+
+  def __init__(self, items: Any = None):
+    self._items = items
+
+  def __iter__(self):
+    return iter(self._items)
+
+  def update(self, n: int = 1) -> None:
+    del n
+
+  def set_postfix(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+  def set_postfix_str(self, s: str = "") -> None:
+    del s
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def progress_bar(items: Any = None, desc: str | None = None, enabled: bool = True, **kwargs) -> Any:
+  """A tqdm bar on stderr over ``items`` (an iterable, or a total count as an int).
+
+  Hidden when ``enabled`` is False (``--no-progress``) or stderr is not a
+  terminal; without tqdm installed, a stand-in that shows nothing.
+  """
+  try:
+    from tqdm import tqdm
+  except ImportError:  # pragma: no cover - tqdm is a dev dependency.
+    return _NoBar(None if isinstance(items, int) else items)
+  if isinstance(items, int):
+    items, kwargs["total"] = None, items
+  return tqdm(items, desc=desc, disable=None if enabled else True, file=sys.stderr, **kwargs)
+
+
+def fmt_mean_std(stat: dict, digits: int = 1, scale: float = 1.0, single: bool = False) -> str:
+  """``mean ± std`` of a :func:`mean_std` record, both times ``scale``.
+
+  With ``single``, a record of one value shows only its mean (its std is 0 by
+  construction, not a measured spread).
+  """
+  mean, std = scale * stat["mean"], scale * stat["std"]
+  if single and stat["n"] <= 1:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def mixture_dict(mixture: Any) -> dict:
+  """A mixture's means, standard deviations and weights as lists (for the result JSON)."""
+  import numpy as np
+
+  return {"means": np.asarray(mixture.means).tolist(), "stddevs": np.asarray(mixture.stddevs).tolist(),
+          "weights": np.asarray(mixture.weights).tolist()}
+
+
+def hist_with_mixture(ax: Any, weights: dict, mixture: Any, lo: float, hi: float, bins: int = 240,
+                      label: str = "learned mixture") -> None:
+  """Density histograms of ``weights`` (legend label → values) on a log scale, ``mixture``'s density on top."""
+  import jax.numpy as jnp
+  import numpy as np
+  import softshare_jax as ss
+
+  edges = np.linspace(lo, hi, bins + 1)
+  for name, w in weights.items():
+    ax.hist(w, bins=edges, density=True, alpha=0.5, label=name)
+  grid = np.linspace(lo, hi, 3000)
+  ax.plot(grid, np.exp(np.asarray(ss.mixture_log_prob(mixture, jnp.asarray(grid, jnp.float32)))), color="C3",
+          lw=1, label=label)
+  ax.set_yscale("log")
+  ax.set_ylim(1e-2, None)
+  ax.set_xlabel("weight")
+  ax.legend(fontsize=8)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
   """An aligned text table; ``align`` holds '<' or '>' per column (default: text left, numbers right)."""
   cells = [[str(c) for c in r] for r in rows]
@@ -318,6 +426,7 @@ def fmt_ms(seconds: float) -> str:
 
 
 def fmt_ratio(r: float | None) -> str:
+  """A ratio with two decimals (none from 100 on), or '-' when missing."""
   if r is None or not math.isfinite(r):
     return "-"
   return f"{r:.2f}" if r < 100 else f"{r:.0f}"

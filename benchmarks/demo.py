@@ -29,9 +29,9 @@ accuracy at each stage, ``ss.compression_report`` (Deep Compression's CSR bit
 count) and the file's size; k-means clustering of the plain run's kernels
 (``ss.cluster_weights``, 16 clusters) is the baseline.
 
-Each section is a function (data, model, optimizers, training, report), so
-later demos of the package (soft weight sharing, compression) can be added as
-further sections of ``main``.
+The data and the training loop are the benchmarks' shared ones
+(``_digits.DigitsTask``: ``_data.load_digits``, ``_train.train``); the figure and the model file go to
+the current directory.
 """
 
 from __future__ import annotations
@@ -42,22 +42,20 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import softshare_jax as ss
 
 from benchmarks import _common
+from benchmarks import _data
+from benchmarks import _digits
+from benchmarks import _train
 
 SEED = 0
-HIDDEN = (64, 64)
-CLASSES = 10
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
-BATCH = 64
 EPOCHS = 40
 # λ of the weight-sharing regularizer (each step moves a weight by at most
 # λ·η). Measured on CPU with this seed (test accuracy, distinct kernel values
@@ -69,49 +67,8 @@ STRENGTH = 0.01
 SHARING_AXIS = 0  # One group per output neuron of a Dense kernel (in, out).
 
 
-# ----------------------------------------------------------------------------
-# Data.
-
-
-Data = _common.Data
-
-
-def load_data(seed: int = SEED) -> Data:
-  """The digits (1797 images, 64 pixels), standardized on the train split, 75/25 split."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  x, y = load_digits(return_X_y=True)
-  x_tr, x_te, y_tr, y_te = train_test_split(
-      x.astype(np.float32), y.astype(np.int32), test_size=0.25, random_state=seed, stratify=y
-  )
-  mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
-  std = np.where(std > 0, std, 1.0)  # Some border pixels are always 0.
-  return Data((x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te)
-
-
-# ----------------------------------------------------------------------------
-# Model.
-
-
-class MLP(nn.Module):
-  hidden: tuple[int, ...] = HIDDEN
-  classes: int = CLASSES
-
-  @nn.compact
-  def __call__(self, x):
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.classes)(x)
-
-
-def init_params(model: nn.Module, features: int, seed: int = SEED) -> Any:
-  return model.init(jax.random.key(seed), jnp.zeros((1, features), jnp.float32))["params"]
-
-
-def kernels_only(params: Any) -> Any:
-  """Mask: the Dense kernels share weights; biases are left alone."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+# The Dense kernels share weights; biases are left alone.
+kernels_only = _train.kernel_mask
 
 
 # ----------------------------------------------------------------------------
@@ -119,15 +76,13 @@ def kernels_only(params: Any) -> Any:
 
 
 def plain_optimizer() -> optax.GradientTransformation:
-  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+  """SGD with momentum."""
+  return _train.sgd_prox(LEARNING_RATE, MOMENTUM)
 
 
 def prox_optimizer(strength: float = STRENGTH) -> optax.GradientTransformation:
   """The same SGD, then the weight-sharing prox (last in the chain, same learning rate)."""
-  return optax.chain(
-      optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
-      ss.weight_sharing_prox(strength, LEARNING_RATE, axis=SHARING_AXIS, mask=kernels_only),
-  )
+  return _train.sgd_prox(LEARNING_RATE, MOMENTUM, strength, axis=SHARING_AXIS, mask=kernels_only)
 
 
 # ----------------------------------------------------------------------------
@@ -136,6 +91,8 @@ def prox_optimizer(strength: float = STRENGTH) -> optax.GradientTransformation:
 
 @dataclasses.dataclass
 class Run:
+  """One training run: its parameters, accuracies, time and final optimizer state."""
+
   name: str
   params: Any
   train_accuracy: float
@@ -144,65 +101,31 @@ class Run:
   opt_state: Any = None
 
 
-def accuracy(model: nn.Module, params: Any, x: np.ndarray, y: np.ndarray) -> float:
-  logits = jax.jit(model.apply)({"params": params}, x)
-  return float(jnp.mean(jnp.argmax(logits, axis=-1) == y))
-
-
-def train(name: str, model: nn.Module, tx: optax.GradientTransformation, data: Data,
+def train(name: str, task: _digits.DigitsTask, tx: optax.GradientTransformation,
           epochs: int = EPOCHS, seed: int = SEED, init: Any = None) -> Run:
-  """Minibatch training, one jitted ``lax.scan`` per epoch; same data order for every run."""
+  """Minibatch training (batch ``_digits.BATCH``); the same data order for every run of a seed."""
   start = time.perf_counter()
-  params = init_params(model, data.x_train.shape[1], seed) if init is None else init
-  opt_state = tx.init(params)
-  n = data.x_train.shape[0] // BATCH * BATCH  # Whole batches only: one shape to compile.
-  x_all, y_all = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-
-  def loss_fn(p, x, y):
-    logits = model.apply({"params": p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def step(carry, batch):
-    p, s = carry
-    x, y = batch
-    loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-    updates, s = tx.update(grads, s, p)
-    return (optax.apply_updates(p, updates), s), loss
-
-  @jax.jit
-  def epoch(p, s, key):
-    order = jax.random.permutation(key, x_all.shape[0])[:n].reshape(-1, BATCH)
-    (p, s), losses = jax.lax.scan(step, (p, s), (x_all[order], y_all[order]))
-    return p, s, losses.mean()
-
-  key = jax.random.key(seed + 1)
-  for _ in range(epochs):
-    key, sub = jax.random.split(key)
-    params, opt_state, _ = epoch(params, opt_state, sub)
-  params = jax.block_until_ready(params)
-  return Run(
-      name,
-      params,
-      accuracy(model, params, data.x_train, data.y_train),
-      accuracy(model, params, data.x_test, data.y_test),
-      time.perf_counter() - start,
-      opt_state,
-  )
+  trained = task.train(tx, task.init(seed) if init is None else init, epochs, seed)
+  params = jax.block_until_ready(trained.params)
+  return Run(name, params, task.accuracy(params, "train"), task.accuracy(params), time.perf_counter() - start,
+             trained.state)
 
 
 # ----------------------------------------------------------------------------
 # Report.
 
 
-def print_header(data: Data) -> None:
+def print_header(data: _data.Data) -> None:
+  """What is trained, on what, with which settings."""
   print("softshare_jax demo: weight-sharing prox on a 64-64-10 MLP, sklearn digits")
-  print(f"train {data.x_train.shape[0]}, test {data.x_test.shape[0]}, {EPOCHS} epochs of batch {BATCH}, "
+  print(f"train {data.x_train.shape[0]}, test {data.x_test.shape[0]}, {EPOCHS} epochs of batch {_digits.BATCH}, "
         f"SGD lr {LEARNING_RATE} momentum {MOMENTUM}; prox strength {STRENGTH}, axis={SHARING_AXIS}, "
         f"kernels only; JAX backend {jax.default_backend()}")
   print()
 
 
 def print_comparison(runs: list[Run]) -> None:
+  """Accuracies, distinct kernel values and seconds of every run."""
   width = max(len(r.name) for r in runs)
   print(f"{'run':<{width}}  {'train acc':>9}  {'test acc':>8}  {'distinct':>8}  {'seconds':>7}")
   for r in runs:
@@ -213,6 +136,7 @@ def print_comparison(runs: list[Run]) -> None:
 
 
 def print_sharing(runs: list[Run]) -> None:
+  """``ss.sharing_stats`` of every run."""
   for r in runs:
     print(f"sharing_stats, {r.name}:")
     print(ss.sharing_stats(r.params))
@@ -247,6 +171,7 @@ PNG = "demo_mixture.png"
 
 
 def mixture_optimizer() -> optax.GradientTransformation:
+  """The mixture prior (16 components and the zero component), then Adam."""
   return optax.chain(
       ss.mixture_prior(num_components=MIXTURE_COMPONENTS, strength=MIXTURE_STRENGTH),
       optax.adam(MIXTURE_LEARNING_RATE),
@@ -254,40 +179,23 @@ def mixture_optimizer() -> optax.GradientTransformation:
 
 
 def print_mixture(run: Run) -> Any:
+  """Prints the mixture a run learned; returns it."""
   mixture = ss.get_mixture(run.opt_state)
   print("learned mixture (component 0 is the zero component):")
   rows = [[j, f"{float(m):+.4f}", f"{float(s):.4f}", f"{float(w):.4f}"]
           for j, (m, s, w) in enumerate(zip(mixture.means, mixture.stddevs, mixture.weights))]
-  print(_table(["j", "mean", "stddev", "weight"], rows))
+  print(_common.format_table(["j", "mean", "stddev", "weight"], rows, align=">>>>"))
   print()
   return mixture
 
 
-def _table(headers, rows):
-  widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-  lines = ["  ".join(f"{str(h):>{w}}" for h, w in zip(headers, widths))]
-  lines += ["  ".join(f"{str(c):>{w}}" for c, w in zip(r, widths)) for r in rows]
-  return "\n".join(lines)
-
-
 def plot_mixture(run: Run, mixture: Any, path: str = PNG) -> str:
   """Histogram of the kernel weights with the learned mixture density on top."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  w = np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(run.params) if leaf.ndim >= 2])
-  grid = np.linspace(w.min() - 0.05, w.max() + 0.05, 2000)
-  density = np.exp(np.asarray(ss.mixture_log_prob(mixture, jnp.asarray(grid, jnp.float32))))
-  fig, ax = plt.subplots(figsize=(8, 4))
-  ax.hist(w, bins=200, density=True, alpha=0.5, label="kernel weights")
-  ax.plot(grid, density, color="C3", lw=1.2, label="learned mixture density")
-  ax.set_yscale("log")
-  ax.set_ylim(1e-2, None)
-  ax.set_xlabel("weight")
+  w = _train.kernel_values(run.params)
+  fig, ax = _common.pyplot().subplots(figsize=(8, 4))
+  _common.hist_with_mixture(ax, {"kernel weights": w}, mixture, float(w.min()) - 0.05, float(w.max()) + 0.05,
+                            bins=200, label="learned mixture density")
   ax.set_title(f"digits MLP, Adam + mixture_prior ({MIXTURE_COMPONENTS} + zero component)")
-  ax.legend()
   fig.tight_layout()
   _common.save_figure(fig, path)
   return os.path.abspath(path)
@@ -316,6 +224,7 @@ MODEL_FILE = "demo_model.safetensors"
 
 
 def compression_optimizer() -> optax.GradientTransformation:
+  """The stronger prior for compression (EM mixture updates under Gamma hyper-priors), then Adam."""
   return optax.chain(
       ss.mixture_prior(MIXTURE_COMPONENTS, COMPRESS_STRENGTH, zero_weight=COMPRESS_ZERO_WEIGHT,
                        mixture_update="em", precision_prior=COMPRESS_PRECISION_PRIOR,
@@ -324,22 +233,22 @@ def compression_optimizer() -> optax.GradientTransformation:
   )
 
 
-def compress_run(model: nn.Module, plain: Run, data: Data) -> None:
+def compress_run(task: _digits.DigitsTask, plain: Run) -> None:
   """Retrains the plain run with the prior, quantizes, fine-tunes with the clusters kept, writes it."""
-  run = train("retrained", model, compression_optimizer(), data, epochs=COMPRESS_EPOCHS, init=plain.params)
+  run = train("retrained", task, compression_optimizer(), epochs=COMPRESS_EPOCHS, init=plain.params)
   merged = ss.merge_components(ss.get_mixture(run.opt_state), MERGE_THRESHOLD)
   q = ss.quantize(run.params, merged)
-  quantized_acc = accuracy(model, ss.dequantize(q), data.x_test, data.y_test)
-  tuned = train("fine-tuned", model, optax.chain(ss.keep_clusters(q), optax.adam(FINETUNE_LEARNING_RATE)),
-                data, epochs=FINETUNE_EPOCHS, init=ss.dequantize(q))
+  quantized_acc = task.accuracy(ss.dequantize(q))
+  tuned = train("fine-tuned", task, optax.chain(ss.keep_clusters(q), optax.adam(FINETUNE_LEARNING_RATE)),
+                epochs=FINETUNE_EPOCHS, init=ss.dequantize(q))
   q = ss.quantize(tuned.params, None)  # the clusters were kept: its distinct values are the codebook
   ss.save_quantized(MODEL_FILE, q)
   loaded = ss.load_quantized(MODEL_FILE, like=tuned.params)
-  loaded_acc = accuracy(model, ss.dequantize(loaded), data.x_test, data.y_test)
+  loaded_acc = task.accuracy(ss.dequantize(loaded))
   baseline = ss.cluster_weights(plain.params, 16, key=jax.random.key(SEED))
-  baseline_acc = accuracy(model, ss.dequantize(baseline), data.x_test, data.y_test)
+  baseline_acc = task.accuracy(ss.dequantize(baseline))
   pruned = ss.cluster_weights(plain.params, 16, key=jax.random.key(SEED), prune_fraction=0.9)
-  pruned_acc = accuracy(model, ss.dequantize(pruned), data.x_test, data.y_test)
+  pruned_acc = task.accuracy(ss.dequantize(pruned))
   print(f"compression: the plain run retrained {COMPRESS_EPOCHS} epochs with mixture_prior (EM), "
         f"{merged.num_components} components after merging:")
   rows = [
@@ -351,30 +260,30 @@ def compress_run(model: nn.Module, plain: Run, data: Data) -> None:
       ["baseline: k-means, 16 clusters", f"{baseline_acc:.4f}", f"{ss.compression_report(baseline).ratio:.1f}x"],
       ["baseline: 90% pruned + k-means, 16", f"{pruned_acc:.4f}", f"{ss.compression_report(pruned).ratio:.1f}x"],
   ]
-  print(_table(["model", "test acc", "CSR ratio"], rows))
+  print(_common.format_table(["model", "test acc", "CSR ratio"], rows, align="<>>"))
   print()
   print(f"compression report of {MODEL_FILE}:")
   print(ss.compression_report(loaded, path=MODEL_FILE))
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the sections in turn and prints their reports."""
   del argv
   start = time.perf_counter()
-  data = load_data()
-  model = MLP()
-  print_header(data)
+  task = _digits.DigitsTask.load(SEED)
+  print_header(task.data)
   runs: list[Run] = [
-      train("plain", model, plain_optimizer(), data),
-      train("prox", model, prox_optimizer(), data),
+      train("plain", task, plain_optimizer()),
+      train("prox", task, prox_optimizer()),
   ]
-  runs.append(train("mixture", model, mixture_optimizer(), data))
+  runs.append(train("mixture", task, mixture_optimizer()))
   print_comparison(runs)
   print_sharing(runs)
   print_per_neuron(runs[1])
   mixture = print_mixture(runs[2])
   print(f"weight histogram with the mixture density: {plot_mixture(runs[2], mixture)}")
   print()
-  compress_run(model, runs[0], data)
+  compress_run(task, runs[0])
   print(f"demo finished in {time.perf_counter() - start:.1f} s")
   return 0
 

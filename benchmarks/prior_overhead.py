@@ -30,7 +30,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 from benchmarks import _common
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
   backend = jax.default_backend()
   sizes = (10**5,) if args.quick else (10**6, 10**7)
-  started = time.perf_counter()
+  recorder = _common.Recorder("prior_overhead")
   rows = []
   for n in sizes:
     for k in COMPONENTS:
@@ -169,18 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['extra_peak_over_params']:.2f}"])
   print()
   print(_common.format_table(["n", "K", "variant", "ms/update", "/adam", "/naive", "extra peak / params"], table))
-  out = {
-      "benchmark": "prior_overhead",
-      "created_utc": _common.now_utc(),
-      "backend": backend,
-      "runtime_s": time.perf_counter() - started,
-      "machine": _common.machine_info(),
-      "versions": _common.versions(),
+  recorder.stop()
+  path = recorder.write(args.out, {
       "settings": {"sizes": list(sizes), "components": list(COMPONENTS), "strength": STRENGTH,
                    "memory": "CPU: growth of peak RSS; GPU: peak bytes in use over bytes in use before the first update"},
       "rows": rows,
-  }
-  path = _common.write_json_atomic(os.path.join(args.out, f"prior_overhead_{backend}.json"), out)
+  }, name=f"prior_overhead_{backend}")
   print(f"\nwrote {path}")
   return 0
 

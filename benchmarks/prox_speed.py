@@ -37,7 +37,6 @@ Writes ``<out>/prox_speed_<backend>.json`` (backend = ``jax.default_backend()``)
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -52,11 +51,6 @@ import softshare_jax as ss
 from softshare_jax import isotonic
 
 from benchmarks import _common
-
-try:
-  from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dev dependency.
-  tqdm = None
 
 SIZES = (10**3, 10**4, 10**5, 10**6)
 FULL_SIZES = SIZES + (10**7,)
@@ -155,36 +149,19 @@ def pooling_rounds(x: np.ndarray, t: float, cap: int) -> int:
   return cap + 1
 
 
-@functools.lru_cache(maxsize=None)
-def _pooling_settles_fn():
-  """Jitted: does the device kernel's pooling phase settle the input by itself?
-
-  Reads private pieces of ``softshare_jax.isotonic`` (a diagnostic only);
-  returns None when they are not there.
-  """
-  try:
-    segments, ramp, pool, violations = isotonic._Segments, isotonic._ramp, isotonic._pool, isotonic._violations
-  except AttributeError:
-    return None
-
-  @jax.jit
-  def settles(x, t):
-    d = x.shape[-1]
-    z = jnp.sort(x)[None]
-    a = jnp.reshape(t / (d - 1), (1,))
-    seg = segments(z, a)
-    y, st = pool(seg, z - ramp(d, a), isotonic.POOLING_ROUNDS)
-    return ~jnp.any(violations(y, st))
-
-  return settles
+@jax.jit
+def _pooling_settles(x: jax.Array, t: jax.Array) -> jax.Array:
+  """Does the device kernel's pooling phase (``isotonic.pool``) settle the input by itself?"""
+  d = x.shape[-1]
+  z = jnp.sort(x)[None]
+  a = jnp.reshape(t / (d - 1), (1,))
+  y, st = isotonic.pool(isotonic.Segments(z, a), z - isotonic.ramp(d, a), isotonic.POOLING_ROUNDS)
+  return ~jnp.any(isotonic.violations(y, st))
 
 
-def device_path(xj: jax.Array, tj: jax.Array) -> str | None:
+def device_path(xj: jax.Array, tj: jax.Array) -> str:
   """"pooling" or "pooling+bounded-depth": the path the device method takes on this backend."""
-  fn = _pooling_settles_fn()
-  if fn is None:
-    return None
-  return "pooling" if bool(fn(xj, tj)) else "pooling+bounded-depth"
+  return "pooling" if bool(_pooling_settles(xj, tj)) else "pooling+bounded-depth"
 
 
 # ----------------------------------------------------------------------------
@@ -206,12 +183,11 @@ def run(sizes, *, min_repeats, max_repeats, budget_s, progress=True):
   backend = jax.default_backend()
   rows = []
   cases = [(d, name) for d in sizes for name in INPUTS]
-  bar = tqdm(cases, desc="prox_speed", disable=None if progress else True, file=sys.stderr) if tqdm else cases
+  bar = _common.progress_bar(cases, "prox_speed", enabled=progress)
   compiled_cache = {}
   last_median = {}  # (input, method) -> (d, median seconds), for the skip estimate.
   for d, name in bar:
-    if tqdm:
-      bar.set_postfix_str(f"d={d:.0e} {name}")
+    bar.set_postfix_str(f"d={d:.0e} {name}")
     x, t = make_input(name, d)
     xj = jax.device_put(x)
     tj = jax.device_put(np.float32(t))
@@ -345,10 +321,10 @@ def main(argv=None) -> int:
     reps = dict(min_repeats=3, max_repeats=15, budget_s=1.5)
 
   backend = jax.default_backend()
-  machine = _common.machine_info()  # Before the run: the load average is the other processes'.
-  start = time.perf_counter()
+  recorder = _common.Recorder("prox_speed", ("tqdm",))
+  machine = recorder.machine
   rows = run(sizes, progress=not args.no_progress, **reps)
-  elapsed = time.perf_counter() - start
+  elapsed = recorder.stop()
 
   print(f"prox_weight_sharing speed, backend={backend}, mode={mode_name}, {elapsed:.0f} s")
   load = machine.get("loadavg_1_5_15")
@@ -368,15 +344,8 @@ def main(argv=None) -> int:
       f"({isotonic.POOLING_ROUNDS} rounds) settles the input or its bounded-depth pass runs."
   )
 
-  report = {
-      "benchmark": "prox_speed",
-      "created_utc": _common.now_utc(),
-      "backend": backend,
-      "runtime_s": elapsed,
-      "machine": machine,
+  path = recorder.write(args.out, {
       "loadavg_after_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-      "versions": _common.versions(extra=("tqdm",)),
-      "source": _common.source_info(),
       "settings": {
           "mode": mode_name,
           "sizes": list(sizes),
@@ -416,8 +385,7 @@ def main(argv=None) -> int:
           "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")},
       },
       "rows": rows,
-  }
-  path = _common.write_json_atomic(os.path.join(args.out, f"prox_speed_{backend}.json"), report)
+  }, name=f"prox_speed_{backend}")
   print(f"\nwrote {path} ({elapsed:.0f} s)")
   return 0
 

@@ -2,146 +2,20 @@
 
     python -m benchmarks.shift_detection [--quick] [--out DIR] [--no-progress]
 
-Reproduces the shift-detection experiment of Nowlan & Hinton, "Simplifying
-neural networks by soft weight-sharing", Neural Computation 4(4), 1992, sec. 5,
-and writes ``<out>/shift_detection.json`` and ``<out>/shift_detection.png``
-(atomically; default ``benchmarks/results``).
-
-Protocol
---------
-* Data: 20 binary inputs; the first 10 are a random pattern (fair bits), the
-  second 10 the same pattern circularly shifted one bit left (label 1: input
-  10 + i holds bit i + 1 mod 10) or right (label 0: bit i − 1); the direction
-  is a fair bit. 100 training, 1000 validation and 1300 test patterns, drawn
-  independently from ``numpy.random.default_rng(0)`` (one data set for every
-  run; the splits may share patterns; a training set holding one input with
-  both labels would be redrawn — not the case for seed 0). Four of the 1024
-  patterns (all zeros, all ones, 0101..., 1010...) look the same shifted
-  either way, so about 0.2% of the test set is a coin toss.
-* Network: 20-10-1, logistic hidden and output units, exactly 101 parameters.
-  Hidden unit j sees a bias and the 8 inputs j..j+3 (mod 10) of the first
-  block and the same positions of the second, gathered with the fixed index
-  array ``IDX`` (``hidden`` is a (10, 9) array: 8 weights + bias); the output
-  sees a bias and the 10 hidden units (``out``, (11,)). Initial parameters
-  U(−0.5, 0.5) from ``jax.random.key(seed)``, seeds 0..9, the same 10
-  initializations for every method.
-* Loss and optimizer: the MEAN squared error of the logistic output over the
-  100 training patterns (N&H's cost is a squared error), full-batch
-  ``optax.adam(1e-2)``, one step per epoch (N&H used conjugate gradients).
-  Training is jitted and vmapped over the seeds, ``CHUNK`` epochs per
-  ``lax.scan``.
-* Stopping rule, the same for plain, weight elimination and soft-share: stop
-  at the first epoch >= 2000 at which the training set is 100% correct
-  (output > 0.5 ⇔ label 1), at most 5000 epochs. "Until 100% correct" alone
-  would stop the penalised runs before their penalty has acted (all methods
-  reach 100% train after about 400 epochs); a fixed minimum number of epochs,
-  the same for all, lets the prior shape the weights while the data are still
-  fitted. Runs that reach 5000 epochs without 100% train keep their last
-  weights (the table's "100% train" column counts the runs that end fitted).
-* Early stopping: plain Adam; the validation ERROR (fraction misclassified) is
-  checked every 10 epochs; training stops when it has risen 3 checks in a row,
-  and the weights of the best check (lowest validation error, the first on
-  ties) are kept; without a stop it runs 5000 epochs and keeps the best.
-* Weight elimination (Weigend, Rumelhart & Huberman 1991): loss + λ Σ_i
-  (w_i/w0)² / (1 + (w_i/w0)²) over all 101 parameters, the paper's λ = 5e-5,
-  w0 = 1, λ relative to the MEAN squared error over the 100 training patterns
-  (i.e. 100× stronger than the same λ against a summed error).
-* Soft-share: ``optax.chain(ss.mixture_prior(K, 2e-4, zero_component=False,
-  mask=<all 101 parameters>, init="range", mixture_update="em",
-  precision_prior=(1.0, 1.0)), optax.adam(1e-2))`` with K = 5 and 10; the
-  prior covers all 101 parameters, biases included (N&H put it on all
-  weights). 2e-4 multiplies −Σ log p(w_i) against the mean loss (τ = 0.02
-  against the summed error). The mixture is initialised from the initial
-  weights (means evenly over their range) and re-estimated by one MAP EM step
-  per epoch, with a Gamma(1, 1) prior on each precision (α = 1 only keeps a
-  precision from running off to infinity on a single weight).
-
-Tuning (validation set only; the test set was read only in the final runs)
---------------------------------------------------------------------------
-Mean validation % over the 10 seeds (CE: mean cross-entropy):
-
-* Loss: CE, lr 1e-2, stopping at the first 100% train epoch: plain 91.6;
-  MSE: plain 92.0, WE 91.8 (stopping as soon as the training set is correct,
-  N&H's literal rule). With CE, soft-share at strength 1e-5 equalled plain
-  (94.7 vs 94.7 after >= 1000 epochs); 1e-4 hurt (90.1 / 82.8); 1e-3 froze
-  the weights at their initial values (49%). MSE was kept: its gradient
-  vanishes once a pattern is fitted, so the prior can act.
-* Soft-share (MSE, >= 2000 epochs, K = 5 unless said): EM + Gamma(1, 1):
-  strength 1e-5: 94.1, 1e-4: 95.0, 2e-4: 95.4 (K = 10: 95.3) — chosen —,
-  3e-4: 91.8 (one seed never leaves the initial plateau: 49.1; the other nine
-  95–98), init "quantile" at 2e-4: 95.3. Turning the prior on only after 300
-  plain epochs (strength ×0.01 before): 94.5 (3e-4), 94.7 (5e-4). Gradient
-  updates of the mixture (Adam 1e-2) without a precision prior: the
-  precisions run away (σ → 0) and at strength >= 3e-4 the weights freeze
-  (49%); with Gamma(1, 1): 89.0 (2e-4), 58.3 (5e-4). EM with a strong
-  Gamma(21, 5) prior (σ near 0.5, every component stays alive): 91.7 (2e-4),
-  49.1 (>= 1e-3). Starting soft-share from the weights of 500 plain epochs
-  (mixture initialised from them): 89.2 (EM, 3e-4), 87.8 (EM, 1e-3), 85.2
-  (gradient, 1e-3), 90.3 (EM, Gamma(21, 5), quantile, 1e-3).
-* Weight elimination w0 (λ fixed at 5e-5): 0.3: 93.9, 1: 94.1 (kept), 3: 94.4
-  — λ = 5e-5 is too weak here to matter much, whatever w0.
-* Early stopping on the validation LOSS (CE), checked every epoch, stopped
-  every run within ~15 epochs (50.9% validation), on the plateau of the first
-  ~150 epochs where the loss first rises (0.694 → 0.722) before it falls;
-  hence the error, checked every 10 epochs. Two of the ten runs still stop on that plateau.
-
-Results (full mode, measured on a 2-core CPU shared with other jobs)
---------------------------------------------------------------------
-    method                   test %  paper test %      valid %  train %  100% train  epochs  live comp.
-    ------------------  -----------  ------------  -----------  -------  ----------  ------  ----------
-    plain                95.2 ± 1.0    67.3 ± 5.7   94.2 ± 1.5    100.0       10/10    2000           -
-    early stopping      86.4 ± 19.3    83.5 ± 5.1  85.9 ± 18.9     90.4        8/10    2735           -
-    weight elimination   95.0 ± 1.1    89.8 ± 3.0   94.1 ± 1.4    100.0       10/10    2000           -
-    soft-share 5         96.1 ± 0.4    95.6 ± 2.7   95.4 ± 0.7    100.0       10/10    2000         1.0
-    soft-share 10        95.8 ± 0.8    97.1 ± 2.1   95.3 ± 1.0    100.0       10/10    2000         1.0
-
-% correct, mean ± std over the 10 seeds (n − 1); "live comp.": mixture
-components with π > 0.01 at the end. Early stopping's per-seed test %: 94.5,
-94.8, 49.2, 95.8, 96.2, 94.9, 50.4, 95.8, 95.8, 96.2 (seeds 2 and 6 stopped
-after 40 and 60 epochs; five runs never stopped and kept their best of 5000
-epochs). Full mode: 33 s of training, 38 s wall in all (53 s / 61 s in a
-second, identical run while the machine's load average was ~8).
-
-Goal (the paper's ordering and soft-share >= 95%): NOT met. Soft-share 5 and
-10 do reach >= 95% test and beat plain, early stopping and weight
-elimination, but (1) plain is far better than in the paper (95.2 vs 67.3),
-so the gaps are 1 point instead of 30; weight elimination at the paper's λ
-is within noise of plain (below it on average), and early stopping is worse
-than plain here because two of its ten runs stop on the initial plateau
-(~50%); (2) soft-share 10 is not above soft-share 5; (3) most importantly,
-the chosen soft-share runs are not multi-modal: in every run the EM mixture
-ends with ONE live component (π > 0.01; the others have π < 1e-6 and σ ~
-1e3), a single Gaussian of σ ≈ 2.0 around 0 (|μ| < 0.3) with a learned
-variance — i.e. a learned weight decay, not weight sharing. Every configuration tried
-that kept several components alive (clusters at e.g. ±5, ±1.4, 0.5) scored
-LOWER on validation (85–92%) than plain. So on this setup the paper's
-soft-share gain is not reproduced as a sharing effect. Likely reasons the
-plain net is so much better than N&H's: small initial weights, Adam, and the
-sparse, translation-structured connectivity, which already generalises well
-from 100 patterns; N&H's plain nets stopped at the first 100%-correct epoch
-(here that gives 92.0% validation, still far above 67%). With N&H's own
-optimizer as well (a later check, validation set only, not part of this
-script: ``scipy.optimize.minimize(method="CG")`` on the summed squared error
-in float64, stopped at the first iteration with 100% train correct, 20-730
-iterations), the plain net scores 88.1 ± 3.5% validation (initial weights
-U(−0.5, 0.5)); 88.8, 89.8 and 90.0% with U(−s, s) for s = 0.1, 1 and 2. So
-the paper's 67% for plain is not a matter of optimizer or initial scale on this
-101-weight network; CG only moves plain from ~94 down to ~88-90%. Under the
-same CG (validation, 10 seeds; summed squared error plus λ times the
-penalty), the other methods do not separate from plain either: weight
-elimination (λ = 5e-3) 89.5 ± 3.4% at the first 100%-train iterate and
-89.8 ± 2.8% at convergence; soft-share with 5 components optimized jointly
-with the weights (−λ Σ log p(w), ``ss.init_mixture(init="range")``) 89.4 ± 3.0
-/ 89.7 ± 3.1% (λ = 3e-3 / 1e-2) at the first 100%-train iterate and
-91.7 ± 2.3 / 91.2 ± 3.2% at convergence, against plain 91.6 ± 3.1% at
-convergence; λ = 0.02 underfits (73% train, 62% validation).
+Reproduces sec. 5 of Nowlan & Hinton, "Simplifying neural networks by soft
+weight-sharing", Neural Computation 4(4), 1992: a 20-10-1 logistic network with
+101 parameters learns from 100 patterns (``_data.shift_data``) whether the
+second block of 10 bits is the first shifted left or right. Plain, early
+stopping, weight elimination and ``ss.mixture_prior`` (5 and 10 components),
+10 seeds each; quick mode (the tests): 2 seeds, 100-300 epochs. Writes
+``<out>/shift_detection.json`` and ``.png`` (default ``benchmarks/results``).
+Protocol, tuning record and full-run results: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Callable
 
 import jax
@@ -152,11 +26,7 @@ import optax
 import softshare_jax as ss
 
 from benchmarks import _common
-
-try:
-  from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dev dependency.
-  tqdm = None
+from benchmarks import _data
 
 # ----------------------------------------------------------------------------
 # Protocol.
@@ -169,7 +39,7 @@ DATA_SEED = 0
 SEEDS = 10
 NUM_PARAMS = HIDDEN * (2 * WINDOW + 1) + HIDDEN + 1  # 101
 
-# Training (chosen on the validation set, see the module docstring).
+# Training (chosen on the validation set, see docs/benchmarks.md).
 INIT_SCALE = 0.5              # initial weights ~ U(-INIT_SCALE, INIT_SCALE)
 LEARNING_RATE = 1e-2          # full-batch Adam, one step per epoch
 MIN_EPOCHS = 2000             # stop at the first epoch >= MIN_EPOCHS with 100% train correct
@@ -191,7 +61,7 @@ FINDINGS = ("Soft-share reaches >= 95% test but the paper's ordering is not repr
             "in the paper, weight elimination at lambda = 5e-5 is within noise of plain, early stopping loses two "
             "runs to the initial plateau. The chosen soft-share runs end with ONE live mixture component (a learned "
             "broad Gaussian, i.e. a learned weight decay), not multi-modal sharing; every tried setting that kept "
-            "several components alive scored lower on validation (85-92%). See the module docstring.")
+            "several components alive scored lower on validation (85-92%). See docs/benchmarks.md.")
 LIVE = 0.01                   # a mixture component counts as alive when its proportion π exceeds this
 PAPER = {"plain": (67.3, 5.7), "early stopping": (83.5, 5.1), "weight elimination": (89.8, 3.0),
          "soft-share 5": (95.6, 2.7), "soft-share 10": (97.1, 2.1)}
@@ -202,42 +72,9 @@ QUICK = dict(seeds=2, min_epochs=100, max_epochs=300)
 # Data.
 
 
-def shift(pattern: np.ndarray, direction: np.ndarray) -> np.ndarray:
-  """``pattern`` (n, BITS) circularly shifted one bit left (direction 1) or right (0), row-wise.
-
-  Left: position i takes bit i + 1 (mod BITS); right: position i takes bit i − 1.
-  """
-  left = np.roll(pattern, -1, axis=1)
-  right = np.roll(pattern, 1, axis=1)
-  return np.where(np.asarray(direction)[:, None] == 1, left, right)
-
-
-def make_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-  pattern = rng.integers(0, 2, (n, BITS))
-  direction = rng.integers(0, 2, n)
-  x = np.concatenate([pattern, shift(pattern, direction)], axis=1).astype(np.float32)
-  return x, direction.astype(np.float32)
-
-
-def consistent(x: np.ndarray, y: np.ndarray) -> bool:
-  """No input appears with both labels (else 100% train correct is impossible)."""
-  seen: dict[bytes, float] = {}
-  for xi, yi in zip(x, y):
-    if seen.setdefault(xi.tobytes(), yi) != yi:
-      return False
-  return True
-
-
 def make_data(seed: int = DATA_SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Training, validation and test sets (independent draws; the training set is redrawn while inconsistent)."""
-  rng = np.random.default_rng(seed)
-  data = {}
-  for split, n in SPLITS.items():
-    x, y = make_split(rng, n)
-    while split == "train" and not consistent(x, y):  # pragma: no cover - not with the default seed.
-      x, y = make_split(rng, n)
-    data[split] = (x, y)
-  return data
+  """Training, validation and test patterns (``SPLITS``), independent draws from ``default_rng(seed)``."""
+  return _data.shift_data(SPLITS, seed, BITS)
 
 
 def connectivity() -> np.ndarray:
@@ -261,6 +98,7 @@ def init_params(seed: int) -> dict[str, jax.Array]:
 
 
 def logits(params: dict, x: jax.Array) -> jax.Array:
+  """The output unit's input: logistic hidden units over their 8 connected inputs, then the output weights."""
   xs = x[:, IDX]                                       # (n, 10, 8)
   w = params["hidden"]
   h = jax.nn.sigmoid(jnp.einsum("nhk,hk->nh", xs, w[:, :-1]) + w[:, -1])
@@ -276,6 +114,7 @@ def data_loss(params: dict, x: jax.Array, y: jax.Array, loss: str | None = None)
 
 
 def accuracy(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Fraction classified correctly (output > 0.5 means label 1)."""
   return jnp.mean((logits(params, x) > 0) == (y > 0.5))
 
 
@@ -381,6 +220,7 @@ def make_chunk(spec: dict, data: dict, cfg: dict) -> tuple[Callable, Callable]:
 
 
 def evaluate(params: dict, data: dict) -> dict:
+  """Accuracy on every split, and the validation loss."""
   out = {}
   for split, (x, y) in data.items():
     out[f"{split}_acc"] = float(accuracy(params, jnp.asarray(x), jnp.asarray(y)))
@@ -389,12 +229,12 @@ def evaluate(params: dict, data: dict) -> dict:
 
 
 def train_method(name: str, spec: dict, data: dict, seeds: list[int], cfg: dict, progress: bool = True) -> list[dict]:
+  """Trains method ``name`` from every seed at once (vmapped) until each stops; one record per seed."""
   n = len(seeds)
   params0 = jax.vmap(init_params)(jnp.asarray(seeds))
   epoch0, first_100 = jnp.zeros((n,), jnp.int32), -jnp.ones((n,), jnp.int32)
   n_chunks = -(-cfg["max_epochs"] // CHUNK)
-  bar = tqdm(total=n_chunks * CHUNK, desc=name, unit="ep", disable=None if progress else True,
-             file=sys.stderr, leave=False) if tqdm else None
+  bar = _common.progress_bar(n_chunks * CHUNK, name, enabled=progress, unit="ep", leave=False)
   warm_chunks = -(-spec.get("warm", 0) // CHUNK)
   if warm_chunks:
     # Warm-up: plain Adam; then the method's optimizer starts (its mixture initialised) from these weights.
@@ -402,19 +242,16 @@ def train_method(name: str, spec: dict, data: dict, seeds: list[int], cfg: dict,
     c = pre_init(params0, epoch0, first_100)
     for _ in range(warm_chunks):
       c = pre_chunk(c)
-      if bar is not None:
-        bar.update(CHUNK)
+      bar.update(CHUNK)
     params0, epoch0, first_100 = c["params"], c["epoch"], c["first_100"]
   init, run_chunk = make_chunk(spec, data, cfg)
   c = init(params0, epoch0, first_100)
   for _ in range(n_chunks - warm_chunks):
     c = run_chunk(c)
-    if bar is not None:
-      bar.update(CHUNK)
+    bar.update(CHUNK)
     if bool(jnp.all(c["done"])):
       break
-  if bar is not None:
-    bar.close()
+  bar.close()
   c = jax.device_get(c)
   final = c["best"] if spec["rule"] == "early" else c["params"]
   runs = []
@@ -425,8 +262,7 @@ def train_method(name: str, spec: dict, data: dict, seeds: list[int], cfg: dict,
            "weights": [float(v) for v in np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])]}
     if name.startswith("soft-share"):
       m = ss.get_mixture(jax.tree.map(lambda v: v[i], c["state"]))
-      rec["mixture"] = {"means": np.asarray(m.means).tolist(), "stddevs": np.asarray(m.stddevs).tolist(),
-                        "weights": np.asarray(m.weights).tolist()}
+      rec["mixture"] = _common.mixture_dict(m)
       rec["live_components"] = int(np.sum(np.asarray(m.weights) > LIVE))
     runs.append(rec)
   return runs
@@ -444,6 +280,7 @@ def default_cfg(quick: bool = False) -> dict:
 
 
 def run(cfg: dict, progress: bool = True, methods: list[str] | None = None) -> dict[str, list[dict]]:
+  """Every method (or those named in ``methods``) over all seeds: per method, one record per seed."""
   data = make_data()
   specs = method_specs(cfg)
   seeds = list(range(cfg["seeds"]))
@@ -456,6 +293,7 @@ def run(cfg: dict, progress: bool = True, methods: list[str] | None = None) -> d
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+  """Per method: mean ± std over seeds of the accuracies and epochs, counts of fitted and stopped runs."""
   out = {}
   for name, rs in runs.items():
     out[name] = {
@@ -473,7 +311,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def table(summary: dict[str, dict]) -> str:
-  fmt = lambda s: f"{s['mean']:.1f} ± {s['std']:.1f}"  # noqa: E731
+  """The results table, one row per method, with the paper's test accuracy."""
+  fmt = _common.fmt_mean_std
   rows = [(name, fmt(s["test_pct"]), fmt(s["paper_test_pct"]), fmt(s["valid_pct"]), f"{s['train_pct']['mean']:.1f}",
            f"{s['runs_100pct_train']}/{s['test_pct']['n']}", f"{s['epochs']['mean']:.0f}",
            f"{s['live_components']['mean']:.1f}" if "live_components" in s else "-")
@@ -491,11 +330,7 @@ def ordering_met(summary: dict[str, dict]) -> bool:
 
 def plot(summary: dict[str, dict], runs: dict[str, list[dict]], path: str) -> str:
   """Test accuracy against the paper's, and seed 0's soft-share weights with their learned mixtures."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _common.pyplot()
   soft = [n for n in runs if n.startswith("soft-share")]
   fig, axes = plt.subplots(1, 1 + len(soft), figsize=(5.2 * (1 + len(soft)), 4.2))
   ax = axes[0]
@@ -539,17 +374,16 @@ def plot(summary: dict[str, dict], runs: dict[str, list[dict]], path: str) -> st
 
 
 def main(argv=None) -> int:
+  """Runs every method, prints the table and the goal, writes the JSON and the figure."""
   parser = _common.argument_parser(
       "shift_detection", __doc__,
       f"{QUICK['seeds']} seeds, {QUICK['min_epochs']} to {QUICK['max_epochs']} epochs (smoke test)")
   args = parser.parse_args(argv)
   cfg = default_cfg(args.quick)
 
-  started = _common.now_utc()
-  machine = _common.machine_info()
-  start = time.perf_counter()
+  recorder = _common.Recorder("shift_detection", ("tqdm", "matplotlib"))
   runs = run(cfg, progress=not args.no_progress)
-  elapsed = time.perf_counter() - start
+  elapsed = recorder.stop()
   summary = summarize(runs)
   soft_min = min(summary[n]["test_pct"]["mean"] for n in summary if n.startswith("soft-share"))
   goal = {"ordering_as_paper": ordering_met(summary), "soft_share_at_least_95": soft_min >= 95.0}
@@ -570,15 +404,13 @@ def main(argv=None) -> int:
   print(f"goal (paper's ordering and soft-share >= 95%): {'met' if goal['met'] else 'NOT met'} "
         f"(ordering {goal['ordering_as_paper']}, soft-share >= 95%: {goal['soft_share_at_least_95']})")
 
-  report = {
-      **_common.run_record("shift_detection", started, elapsed, machine, ("tqdm", "matplotlib")),
+  path = recorder.write(args.out, {
       "reference": "Nowlan & Hinton (1992), Simplifying neural networks by soft weight-sharing, "
                    "Neural Computation 4(4), section 5",
       "settings": {
           "mode": "quick" if args.quick else "full",
           **{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-          "splits": SPLITS,
-          "data_seed": DATA_SEED,
+          "splits": SPLITS, "data_seed": DATA_SEED,
           "data": "pattern ~ 10 fair bits; direction ~ fair bit (1: left, 0: right); x = [pattern, pattern "
                   "circularly shifted one bit in that direction]; the three splits are independent draws "
                   "(numpy default_rng(data_seed)), so they may share patterns",
@@ -601,12 +433,8 @@ def main(argv=None) -> int:
                         f"optax.adam({cfg['lr']})), K = 5 and 10",
           "seed_use": "seed s: the initial weights (jax.random.key(s)), the same for every method; one data set",
       },
-      "goal": goal,
-      "findings": FINDINGS,
-      "summary": summary,
-      "runs": runs,
-  }
-  path = _common.write_json_atomic(os.path.join(args.out, "shift_detection.json"), report)
+      "goal": goal, "findings": FINDINGS, "summary": summary, "runs": runs,
+  })
   png = plot(summary, runs, os.path.join(args.out, "shift_detection.png"))
   print(f"\nwrote {path} and {png} ({elapsed:.0f} s)")
   return 0

@@ -36,10 +36,8 @@ examples) and tested worse than the separate towers.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
-import time
 from typing import Any
 
 import jax
@@ -50,11 +48,6 @@ import optax
 import softshare_jax as ss
 
 from benchmarks import _common
-
-try:
-  from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dev dependency.
-  tqdm = None
 
 TASKS = ("a", "b")
 FEATURES = 16          # d
@@ -161,7 +154,7 @@ def run(seeds: int, steps: int, progress: bool = True) -> dict[str, dict[str, li
   trains = {name: make_train(tx, steps) for name, tx in txs.items()}
   runs = {f"{delta:g}": {name: [] for name in txs} for delta in RELATEDNESS}
   cases = [(delta, seed, name) for delta in RELATEDNESS for seed in range(seeds) for name in txs]
-  bar = tqdm(cases, desc="tying", disable=None if progress else True, file=sys.stderr) if tqdm else cases
+  bar = _common.progress_bar(cases, "tying", enabled=progress)
   data = None
   for delta, seed, name in bar:
     if data is None or data[0] != (delta, seed):
@@ -208,10 +201,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   seeds, steps = (QUICK["seeds"], QUICK["steps"]) if args.quick else (SEEDS, STEPS)
 
-  machine = _common.machine_info()
-  start = time.perf_counter()
+  recorder = _common.Recorder("tying", ("tqdm",))
   runs = run(seeds, steps, progress=not args.no_progress)
-  elapsed = time.perf_counter() - start
+  elapsed = recorder.stop()
   summary = {delta: summarize(r) for delta, r in runs.items()}
 
   print(f"tying: two task towers, {seeds} seeds, {steps} steps of full-batch Adam "
@@ -226,14 +218,7 @@ def main(argv=None) -> int:
         "the two tasks; ‖W_a − W_b‖: Frobenius distance of the towers' first-layer kernels at the end. "
         f"Noise variance (the floor): {NOISE ** 2:g}.")
 
-  report = {
-      "benchmark": "tying",
-      "created_utc": _common.now_utc(),
-      "backend": jax.default_backend(),
-      "runtime_s": elapsed,
-      "machine": machine,
-      "versions": _common.versions(extra=("tqdm",)),
-      "source": _common.source_info(),
+  path = recorder.write(args.out, {
       "settings": {
           "mode": "quick" if args.quick else "full",
           "seeds": seeds,
@@ -261,8 +246,7 @@ def main(argv=None) -> int:
       },
       "summary_by_delta": summary,
       "runs_by_delta": runs,
-  }
-  path = _common.write_json_atomic(os.path.join(args.out, "tying.json"), report)
+  })
   print(f"\nwrote {path} ({elapsed:.0f} s)")
   return 0
 
