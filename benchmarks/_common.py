@@ -277,6 +277,7 @@ def write_json_atomic(path: str, obj: Any) -> str:
   from softshare_jax import _files
 
   text = json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # --out may name a new folder
   _files.write_bytes_atomic(path, text.encode("utf-8"))
   return path
 
@@ -296,6 +297,7 @@ def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
   import matplotlib.pyplot as plt
   from softshare_jax import _files
 
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   try:
     with _files.atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
       fig.savefig(tmp, dpi=dpi)

@@ -1,13 +1,15 @@
-"""Quantized files: safetensors with JSON metadata, written atomically, never pickle.
+"""Quantized files: safetensors with JSON metadata, checked before use, never pickle.
 
-The layout is documented in docs/design.md §4.5 and in
-:func:`save_quantized`. Every way a file can be damaged or foreign raises
+The layout (format version 2) is written out in :func:`save_quantized` and in
+docs/design.md §4.5. A file is untrusted input: its header is parsed strictly,
+everything it declares is checked against the file's own length before
+anything is allocated, and a SHA-256 over the metadata and every tensor finds
+any changed byte. Every way a file can be damaged or foreign raises
 :class:`QuantizedFileError`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,22 +18,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from softshare_jax import _files
 from softshare_jax import masks
+from softshare_jax.compress._filecheck import digest
+from softshare_jax.compress._filecheck import DTYPES
+from softshare_jax.compress._filecheck import FORMAT
+from softshare_jax.compress._filecheck import FORMAT_VERSION
+from softshare_jax.compress._filecheck import Invalid
+from softshare_jax.compress._filecheck import Layout
+from softshare_jax.compress._filecheck import check_layout
+from softshare_jax.compress._filecheck import Leaf
+from softshare_jax.compress._filecheck import MAX_HEADER_BYTES
+from softshare_jax.compress._filecheck import METADATA_KEY
+from softshare_jax.compress._filecheck import ST_DTYPES
+from softshare_jax.compress._filecheck import ST_NAMES
+from softshare_jax.compress._filecheck import stored_dtype
+from softshare_jax.compress._filecheck import Tensor
 from softshare_jax.compress._format import check_quantized
-from softshare_jax.compress._format import index_bits
 from softshare_jax.compress._format import is_qleaf
 from softshare_jax.compress._format import Quantized
 from softshare_jax.compress._format import QuantizedLeaf
 from softshare_jax.compress._hashing import hashed_leaf
-
-_FORMAT = "softshare_jax.quantized"
-_FORMAT_VERSION = 1
-_METADATA_KEY = "softshare_jax"
-
 
 class QuantizedFileError(ValueError):
   """A file that :func:`load_quantized` cannot read: truncated, corrupted or foreign.
@@ -40,21 +49,20 @@ class QuantizedFileError(ValueError):
   """
 
 
-def _storable(a: np.ndarray) -> np.ndarray:
-  """Dtypes safetensors' NumPy API lacks (bfloat16, float8) travel as unsigned ints of their width."""
-  if a.dtype.kind in "fiub" and a.dtype.name in ("float16", "float32", "float64", "bool") + tuple(
-      f"{s}int{b}" for s in ("", "u") for b in (8, 16, 32, 64)):
-    return a
-  return a.view(np.dtype(f"uint{a.dtype.itemsize * 8}"))
+
+# ----------------------------------------------------------------------------
+# Save.
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
-    h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
+def _dtype_name(path: str, dtype: Any) -> str:
+  try:
+    name = np.dtype(jnp.dtype(dtype)).name
+  except TypeError:
+    name = None
+  if name not in DTYPES:
+    raise ValueError(f"quantized: leaf {path!r} has dtype {dtype!r}, which a quantized file cannot "
+                     f"store; it stores {list(DTYPES)}.")
+  return name
 
 
 def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
@@ -62,11 +70,24 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
 
   Tensors: ``"<i>/codebook"`` (float32) and ``"<i>/indices"`` (the packed
   indices; none for hashed leaves, whose indices follow from the seed) for
-  quantized leaf i, ``"<i>/value"`` for a kept leaf. The safetensors metadata
-  holds one JSON document under ``"softshare_jax"``: the format and version,
-  each leaf's path, kind, shape, dtype, index bits and hash seed, and a SHA-256
-  of all the tensors so that a corrupted file is detected on load. The file
-  is written to a temporary file in the same folder and renamed.
+  quantized leaf i, ``"<i>/value"`` for a kept leaf (bfloat16, float8 and
+  complex64 travel as the unsigned int of their width). The safetensors
+  metadata holds one JSON document under ``"softshare_jax"``: the format and
+  version (2), each leaf's path, kind, shape, dtype, index bits and hash seed,
+  and ``"sha256"``: a SHA-256 over the canonical JSON of the rest of that
+  document (sorted keys, no spaces) followed by each tensor, by name, as the
+  canonical JSON of ``[name, safetensors dtype, shape]`` and its bytes, every
+  part preceded by its length as 8 little-endian bytes.
+
+  The file is written as :func:`softshare_jax._files.atomic_path` describes: a
+  temporary ``.<name>.softshare-tmp-*`` beside it, then a rename; through a
+  symlink to its target; an existing file's permissions are kept; a missing
+  folder raises ``FileNotFoundError``.
+
+  Raises:
+    ValueError: a leaf's dtype is not one a file stores, two leaves share a
+      path, or hashed leaves declare more weights than :func:`load_quantized`
+      accepts from a file this size; nothing is written.
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp
@@ -82,104 +103,133 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
   tensors, entries = {}, []
   for i, (keys, leaf) in enumerate(flat):
     names = [masks.path_str((k,)) for k in keys]
+    where = "/".join(names)
     if is_qleaf(leaf):
-      tensors[f"{i}/codebook"] = np.asarray(leaf.codebook, np.float32)
+      book = np.asarray(jax.device_get(leaf.codebook), np.float32).reshape(-1)
+      if not np.all(np.isfinite(book)):
+        raise ValueError(f"quantized: leaf {where!r} has a non-finite codebook entry.")
+      tensors[f"{i}/codebook"] = book
+      entry = {"path": names, "kind": "quantized", "shape": [int(s) for s in leaf.shape],
+               "dtype": _dtype_name(where, leaf.dtype), "bits": int(leaf.bits)}
       if leaf.hash_seed is None:
-        tensors[f"{i}/indices"] = np.asarray(leaf.indices)
-      entries.append({"path": names, "kind": "hashed" if leaf.hash_seed is not None else "quantized",
-                      "shape": list(leaf.shape), "dtype": leaf.dtype, "bits": leaf.bits,
-                      "hash_seed": leaf.hash_seed})
+        tensors[f"{i}/indices"] = np.ascontiguousarray(jax.device_get(leaf.indices)).reshape(-1)
+      else:
+        entry.update(kind="hashed", hash_seed=int(leaf.hash_seed))
     else:
       a = np.asarray(jax.device_get(leaf))
-      tensors[f"{i}/value"] = np.ascontiguousarray(_storable(a))
-      entries.append({"path": names, "kind": "array", "shape": list(a.shape), "dtype": a.dtype.name})
-  info = {"format": _FORMAT, "version": _FORMAT_VERSION, "leaves": entries, "sha256": _digest(tensors)}
-  _files.write_bytes_atomic(path, _st_save(tensors, metadata={_METADATA_KEY: json.dumps(info)}))
+      name = _dtype_name(where, a.dtype)
+      tensors[f"{i}/value"] = np.require(a, requirements="C").view(stored_dtype(name))  # keeps 0-d 0-d
+      entry = {"path": names, "kind": "array", "shape": list(a.shape), "dtype": name}
+    entries.append(entry)
+  meta = {"format": FORMAT, "version": FORMAT_VERSION, "leaves": entries}
+  sha = digest(meta, [(n, ST_NAMES.get(a.dtype.name, "?"), a.shape, memoryview(a.reshape(-1).view(np.uint8)))
+                       for n, a in tensors.items()])
+  data = _st_save(tensors, metadata={METADATA_KEY: json.dumps({**meta, "sha256": sha})})
+  try:  # Whatever load_quantized would refuse is refused here, before anything is written.
+    check_layout(data[8:8 + int.from_bytes(data[:8], "little")], len(data))
+  except Invalid as e:
+    raise ValueError(f"quantized cannot be saved: {e}") from None
+  _files.write_bytes_atomic(path, data)
 
 
-def _bad_file(path: Any, why: str) -> QuantizedFileError:
-  return QuantizedFileError(f"{os.fspath(path)!s} is not a readable softshare_jax quantized file: {why}")
+# ----------------------------------------------------------------------------
+# Load.
 
 
-def _read_info(path: Any, data: bytes) -> dict:
-  if len(data) < 8:
-    raise _bad_file(path, f"only {len(data)} bytes (truncated, or not a safetensors file).")
-  n = int.from_bytes(data[:8], "little")
-  if n > len(data) - 8:
-    raise _bad_file(path, f"its header claims {n} bytes but the file has {len(data) - 8} after the "
-                    "length (truncated, or not a safetensors file).")
-  try:
-    header = json.loads(data[8:8 + n])
-    meta = header.get("__metadata__") or {}
-  except (ValueError, AttributeError) as e:
-    raise _bad_file(path, f"its header is not valid JSON ({e}); the file is corrupted.") from None
-  if _METADATA_KEY not in meta:
-    raise _bad_file(path, "no 'softshare_jax' metadata; it was not written by ss.save_quantized "
-                    "(a plain safetensors checkpoint?).")
-  try:
-    info = json.loads(meta[_METADATA_KEY])
-  except ValueError as e:
-    raise _bad_file(path, f"its metadata is not valid JSON ({e}).") from None
-  if not isinstance(info, dict) or info.get("format") != _FORMAT:
-    raise _bad_file(path, f"unknown format {info.get('format') if isinstance(info, dict) else info!r}.")
-  if info.get("version") != _FORMAT_VERSION:
-    raise _bad_file(path, f"format version {info.get('version')!r}; this softshare_jax reads "
-                    f"version {_FORMAT_VERSION}.")
-  return info
+def _read(path: Any) -> tuple[Layout, bytes]:
+  """The checked layout and the tensor bytes; the data is read once, after the header passed."""
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise Invalid(f"only {len(prefix)} bytes (truncated, or not a safetensors file).")
+    n = int.from_bytes(prefix, "little")
+    if n > min(size - 8, MAX_HEADER_BYTES):
+      raise Invalid(f"its header claims {n} bytes but the file has {size - 8} after the length, and a "
+                     f"header has at most {MAX_HEADER_BYTES} (truncated, or not a safetensors file).")
+    layout = check_layout(f.read(n), size)  # a short read fails its size check
+    data = f.read(size - 8 - n)
+    if len(data) != size - 8 - n or f.read(1):
+      raise Invalid("the file changed size while it was read.")
+  return layout, data
 
 
-def _leaf_from_file(path: Any, i: int, entry: dict, tensors: dict[str, np.ndarray]) -> Any:
-  kind, shape, dtype = entry["kind"], tuple(int(s) for s in entry["shape"]), np.dtype(jnp.dtype(entry["dtype"]))
-  if kind == "array":
-    a = tensors[f"{i}/value"]
-    return jnp.asarray(a.view(dtype) if a.dtype != dtype else a).reshape(shape)
-  book = tensors[f"{i}/codebook"]
-  if book.dtype != np.float32 or book.ndim != 1:
-    raise _bad_file(path, f"leaf {i}'s codebook is {book.dtype}{list(book.shape)}, not float32[K].")
-  if kind == "hashed":
-    return hashed_leaf(book, shape, dtype.name, int(entry["hash_seed"]))
-  bits = int(entry["bits"])
-  packed = tensors[f"{i}/indices"]
-  size = math.prod(shape)
-  expected = size if bits >= 8 else -(-size // (8 // bits))
-  if bits != index_bits(book.size) or packed.dtype != np.dtype(f"uint{max(bits, 8)}") or packed.size != expected:
-    raise _bad_file(path, f"leaf {i}'s indices ({packed.dtype}[{packed.size}]) do not fit {bits}-bit "
-                    f"indices of {size} weights into a codebook of {book.size}.")
-  leaf = QuantizedLeaf(jnp.asarray(book), jnp.asarray(packed), shape, dtype.name, bits)
-  if size and int(jnp.max(leaf.unpacked())) >= book.size:
-    raise _bad_file(path, f"leaf {i} has an index past its codebook of {book.size}.")
-  return leaf
+def _view(data: bytes, t: Tensor) -> np.ndarray:
+  return np.frombuffer(data, np.dtype(ST_DTYPES[t.st_dtype]), math.prod(t.shape), t.begin).reshape(t.shape)
+
+
+def _max_packed_index(who: str, packed: np.ndarray, bits: int, size: int) -> int:
+  """The largest index in ``packed``; the padding after the last index must be zero."""
+  if size == 0 or bits >= 8:
+    return int(packed.max()) if size else -1
+  per, mask = 8 // bits, (1 << bits) - 1
+  if int(packed[-1]) >> ((size - (packed.size - 1) * per) * bits):
+    raise Invalid(f"{who}: the padding after its last index is not zero.")
+  byte = np.arange(256)
+  largest = np.max([(byte >> (j * bits)) & mask for j in range(per)], axis=0).astype(np.uint8)
+  return int(largest[packed].max())  # a lookup per byte: no unpacked copy
+
+
+def _leaf_from_file(i: int, leaf: Leaf, tensors: dict[str, Tensor], data: bytes) -> Any:
+  who = f"leaf {i} ({leaf.name!r})"
+  if leaf.kind == "array":
+    value = _view(data, tensors[f"{i}/value"])
+    if leaf.dtype == "bool" and value.size and value.view(np.uint8).max() > 1:
+      raise Invalid(f"{who} is bool but holds bytes other than 0 and 1.")
+    value = value.view(np.dtype(jnp.dtype(leaf.dtype)))
+    if jax.dtypes.canonicalize_dtype(value.dtype) != value.dtype:  # 64-bit without jax_enable_x64
+      return value.copy()  # a NumPy array: exact, where jnp.asarray would truncate
+    return jnp.asarray(value)
+  book = _view(data, tensors[f"{i}/codebook"])
+  if not np.all(np.isfinite(book)):
+    raise Invalid(f"{who} has a non-finite codebook entry.")
+  if leaf.kind == "hashed":
+    return hashed_leaf(np.array(book), leaf.shape, leaf.dtype, leaf.seed)
+  packed = _view(data, tensors[f"{i}/indices"])
+  largest = _max_packed_index(who, packed, leaf.bits, leaf.size)
+  if largest >= book.size:
+    raise Invalid(f"{who} has index {largest}, past its codebook of {book.size}.")
+  return QuantizedLeaf(jnp.asarray(book), jnp.asarray(packed), leaf.shape, leaf.dtype, leaf.bits)
 
 
 def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
-  """Reads a file written by :func:`save_quantized`; checks it first.
+  """Reads a file written by :func:`save_quantized`; checks all of it first.
 
-  A truncated, corrupted (checksum) or foreign file raises a
-  :class:`QuantizedFileError` (a ``ValueError``) that says which; nothing is
-  ever unpickled. The tree comes back as nested dicts
-  keyed by the path's key names; pass ``like`` (the original params, or a
-  :class:`Quantized`) to get its structure instead (Flax ``FrozenDict``,
-  ``nnx.State``, lists...): its leaves' paths must match the file's.
+  Nothing is unpickled, and nothing comes back from a file that fails a
+  check: a truncated, corrupted or foreign file raises
+  :class:`QuantizedFileError` (a ``ValueError``) saying which. Before any
+  tensor is read, the header and metadata must be strict JSON (integers,
+  strings, lists, objects; no repeated keys) in the version 2 schema: kinds
+  and dtypes from closed lists, shapes of at most 32 dimensions whose nonzero
+  product is at most 2**48, each tensor named by exactly one leaf with the
+  dtype and shape that leaf implies, distinct paths. Then the SHA-256 finds
+  any changed byte. Version 1 files, whose checksum left the metadata out,
+  are refused.
+
+  A hashed leaf stores no indices, so it is what grows when loaded (the
+  indices are recomputed: about 20 bytes of temporaries per weight). A file's
+  hashed leaves may declare at most max(2**24, 1024 × the file's bytes)
+  weights in all (a 4096 × 4096 layer in any number of buckets; beyond that,
+  about 4096 weights per 4-byte bucket), each at most 2**32, the hash's
+  domain; :func:`save_quantized` refuses to write more.
+
+  The tree comes back as nested dicts keyed by the path's key names; pass
+  ``like`` (the original params, or a :class:`Quantized`) to get its
+  structure instead (Flax ``FrozenDict``, ``nnx.State``, lists...): its
+  leaves' paths must match the file's. A kept 64-bit leaf comes back as a
+  NumPy array when ``jax_enable_x64`` is off, not truncated to 32 bits.
 
   Example: see :func:`save_quantized`.
   """
-  with open(path, "rb") as f:
-    data = f.read()
-  info = _read_info(path, data)
   try:
-    tensors = _st_load(data)
-  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types.
-    raise _bad_file(path, f"its tensor data cannot be read ({e}); the file is truncated or corrupted.") from None
-  if _digest(tensors) != info.get("sha256"):
-    raise _bad_file(path, "its checksum does not match its tensors; the file is corrupted.")
-  try:
-    entries = info["leaves"]
-    leaves = [_leaf_from_file(path, i, e, tensors) for i, e in enumerate(entries)]
-    paths = [list(map(str, e["path"])) for e in entries]
-  except QuantizedFileError:
-    raise
-  except (KeyError, TypeError, ValueError) as e:
-    raise _bad_file(path, f"its metadata does not describe its tensors ({e!r}).") from None
+    layout, data = _read(path)
+    views = [(n, t.st_dtype, t.shape, memoryview(data)[t.begin:t.end]) for n, t in layout.tensors.items()]
+    if digest(layout.meta, views) != layout.sha256:
+      raise Invalid("its checksum does not match its contents; the file is corrupted.")
+    leaves = [_leaf_from_file(i, leaf, layout.tensors, data) for i, leaf in enumerate(layout.leaves)]
+  except Invalid as e:
+    raise QuantizedFileError(f"{os.fspath(path)!s} is not a readable softshare_jax quantized file: {e}") from None
+  paths = [list(leaf.path) for leaf in layout.leaves]
   if like is not None:
     template = like.tree if isinstance(like, Quantized) else like
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=is_qleaf)
@@ -188,12 +238,12 @@ def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
       raise ValueError(f"like: its leaves' paths {['/'.join(p) for p in want]} differ from the file's "
                        f"{['/'.join(p) for p in paths]}.")
     return Quantized(jax.tree_util.tree_unflatten(treedef, leaves))
+  if paths == [[]]:  # the tree is one leaf (an empty path overlaps every other, so it is alone)
+    return Quantized(leaves[0])
   tree: dict = {}
   for keys, leaf in zip(paths, leaves):
     node = tree
     for k in keys[:-1]:
       node = node.setdefault(k, {})
-    if not keys:
-      return Quantized(leaf)
     node[keys[-1]] = leaf
   return Quantized(tree)

@@ -1,0 +1,309 @@
+"""The quantized file's layout, checked without reading its data (format version 2).
+
+A file is untrusted input. Its JSON header is parsed strictly; every leaf and
+tensor it declares is checked against the others and against the file's own
+length before anything is allocated; what is not stored (shapes, hashed
+leaves) is bounded by documented limits. :func:`digest` is the SHA-256 that
+covers the metadata and every tensor. Problems raise :class:`InvalidFile`,
+which ``_fileio`` turns into ``QuantizedFileError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any, Iterable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from softshare_jax.compress._format import index_bits
+
+FORMAT = "softshare_jax.quantized"
+FORMAT_VERSION = 2
+METADATA_KEY = "softshare_jax"
+
+# What a file may declare. Stored tensors are bounded by the file's length;
+# these bound what is not stored: the JSON, the shapes, the hashed leaves.
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_RANK = 32
+MAX_SHAPE_SIZE = 2**48  # product of a shape's nonzero dimensions
+HASH_POSITIONS = 2**32  # the hash is a function of 32-bit positions
+HASHED_WEIGHTS_FLOOR = 2**24
+HASHED_WEIGHTS_PER_BYTE = 1024
+
+# safetensors' dtype names for the dtypes a file stores (others travel as uints).
+ST_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+              "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32", "F64": "float64"}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+# The leaf dtypes a file may name: NumPy's, complex64, and the ML dtypes this JAX has.
+DTYPES = tuple(n for n in (*ST_NAMES, "complex64", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                           "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz", "float8_e3m4",
+                           "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn", "int4", "uint4", "int2", "uint2")
+               if hasattr(jnp, n) or n in ST_NAMES or n == "complex64")
+_LEAF_KEYS = {"quantized": {"path", "kind", "shape", "dtype", "bits"},
+              "hashed": {"path", "kind", "shape", "dtype", "bits", "hash_seed"},
+              "array": {"path", "kind", "shape", "dtype"}}
+_ROLES = {"quantized": ("codebook", "indices"), "hashed": ("codebook",), "array": ("value",)}
+
+
+class Invalid(Exception):
+  """Why a file breaks the format; the caller says whose file (or tree) it is."""
+
+
+def short(x: Any, n: int = 60) -> str:
+  """``x`` for a message: clipped, and safe for whatever a hostile file nests."""
+  try:
+    r = x if isinstance(x, BaseException) else repr(x)
+  except RecursionError:
+    return f"<a {type(x).__name__} nested too deep>"
+  return str(r) if len(str(r)) <= n else str(r)[:n - 3] + "..."
+
+
+def stored_dtype(name: str) -> str:
+  """The dtype a leaf of dtype ``name`` is stored as: itself, or the unsigned int of its width."""
+  return name if name in ST_NAMES else f"uint{np.dtype(jnp.dtype(name)).itemsize * 8}"
+
+
+# ----------------------------------------------------------------------------
+# The checksum.
+
+
+def _canonical(obj: Any) -> bytes:
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def digest(meta: dict, tensors: Iterable[tuple[str, str, tuple[int, ...], memoryview]]) -> str:
+  """SHA-256 of the metadata (minus the digest) and each tensor's name, dtype, shape and bytes.
+
+  Each part is length-prefixed, so no two files share the byte stream.
+  """
+  h = hashlib.sha256()
+
+  def part(b: bytes | memoryview) -> None:
+    h.update(len(b).to_bytes(8, "little"))
+    h.update(b)
+
+  part(_canonical(meta))
+  for name, st_dtype, shape, data in sorted(tensors, key=lambda t: t[0]):
+    part(_canonical([name, st_dtype, list(shape)]))
+    part(data)
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# The layout: the header and the metadata, checked without touching the data.
+
+
+class Tensor(NamedTuple):
+  st_dtype: str
+  shape: tuple[int, ...]
+  begin: int
+  end: int
+
+
+class Leaf(NamedTuple):
+  path: tuple[str, ...]
+  kind: str
+  shape: tuple[int, ...]
+  dtype: str
+  bits: int | None
+  seed: int | None
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path) or "<root>"
+
+
+class Layout(NamedTuple):
+  meta: dict
+  sha256: str
+  leaves: list[Leaf]
+  tensors: dict[str, Tensor]
+
+
+def _strict_json(raw: bytes | str, what: str) -> Any:
+  """JSON with integers, strings, lists and objects only; no duplicate keys."""
+
+  def pairs(items: list) -> dict:
+    obj = {}
+    for k, v in items:
+      if k in obj:
+        raise ValueError(f"duplicate key {short(k)}")
+      obj[k] = v
+    return obj
+
+  def no_float(s: str) -> Any:
+    raise ValueError(f"non-integer number {short(s)}")
+
+  try:
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    return json.loads(text, object_pairs_hook=pairs, parse_float=no_float, parse_constant=no_float)
+  except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep.
+    raise Invalid(f"its {what} is not valid JSON ({short(e, 120)}).") from None
+
+
+def _int(what: str, x: Any, low: int, high: int) -> int:
+  if type(x) is not int or not low <= x <= high:  # bools and floats are not ints here.
+    raise Invalid(f"{what} is {short(x)}, not an integer in [{low}, {high}].")
+  return x
+
+
+def _shape(what: str, x: Any) -> tuple[int, ...]:
+  if type(x) is not list or len(x) > MAX_RANK:
+    raise Invalid(f"{what} is {short(x)}, not a list of at most {MAX_RANK} dimensions.")
+  dims = tuple(_int(f"a dimension of {what}", d, 0, MAX_SHAPE_SIZE) for d in x)
+  if math.prod(d for d in dims if d) > MAX_SHAPE_SIZE:
+    raise Invalid(f"{what} {list(dims)} has more than {MAX_SHAPE_SIZE} elements.")
+  return dims
+
+
+def _tensor(name: str, x: Any) -> Tensor:
+  if type(x) is not dict or set(x) != {"dtype", "shape", "data_offsets"}:
+    raise Invalid(f"tensor {short(name)}'s entry {short(x)} is not dtype, shape and data_offsets.")
+  if type(x["dtype"]) is not str or x["dtype"] not in ST_DTYPES:
+    raise Invalid(f"tensor {short(name)} has dtype {short(x['dtype'])}; a quantized file uses "
+                   f"{sorted(ST_DTYPES)}.")
+  shape = _shape(f"tensor {short(name)}'s shape", x["shape"])
+  offsets = x["data_offsets"]
+  if type(offsets) is not list or len(offsets) != 2:
+    raise Invalid(f"tensor {short(name)}'s data_offsets {short(offsets)} are not [begin, end].")
+  begin, end = (_int(f"tensor {short(name)}'s data offset", o, 0, 2**63) for o in offsets)
+  if end - begin != math.prod(shape) * np.dtype(ST_DTYPES[x["dtype"]]).itemsize:
+    raise Invalid(f"tensor {short(name)} spans bytes [{begin}, {end}), not the size of "
+                   f"{x['dtype']}{list(shape)}.")
+  return Tensor(x["dtype"], shape, begin, end)
+
+
+def _leaf(i: int, e: Any) -> Leaf:
+  if type(e) is not dict:
+    raise Invalid(f"leaf {i} is {short(e)}, not an object.")
+  kind = e.get("kind")
+  if type(kind) is not str or kind not in _LEAF_KEYS:
+    raise Invalid(f"leaf {i} has kind {short(kind)}; the kinds are {sorted(_LEAF_KEYS)}.")
+  if set(e) != _LEAF_KEYS[kind]:
+    raise Invalid(f"leaf {i} ({kind}) has keys {short(sorted(e))}; a {kind} leaf has exactly "
+                   f"{sorted(_LEAF_KEYS[kind])}.")
+  path = e["path"]
+  if type(path) is not list or not all(type(k) is str for k in path):
+    raise Invalid(f"leaf {i}'s path {short(path)} is not a list of strings.")
+  shape = _shape(f"leaf {i}'s shape", e["shape"])
+  if type(e["dtype"]) is not str or e["dtype"] not in DTYPES:
+    raise Invalid(f"leaf {i} has dtype {short(e['dtype'])}; a file may name {list(DTYPES)}.")
+  bits = seed = None
+  if kind != "array":
+    bits = e["bits"]
+    if type(bits) is not int or bits not in (2, 4, 8, 16, 32):
+      raise Invalid(f"leaf {i}'s bits are {short(bits)}, not 2, 4, 8, 16 or 32.")
+  if kind == "hashed":
+    seed = _int(f"leaf {i}'s hash_seed", e["hash_seed"], 0, 2**32 - 1)
+  return Leaf(tuple(path), kind, shape, e["dtype"], bits, seed)
+
+
+def _metadata(header: dict) -> tuple[dict, str, list[Leaf]]:
+  meta = header.get("__metadata__")
+  if type(meta) is not dict or METADATA_KEY not in meta:
+    raise Invalid("no 'softshare_jax' metadata; it was not written by ss.save_quantized (a plain "
+                   "safetensors checkpoint?).")
+  if set(meta) != {METADATA_KEY} or type(meta[METADATA_KEY]) is not str:
+    raise Invalid(f"its safetensors metadata {short(meta)} is not one 'softshare_jax' string.")
+  info = _strict_json(meta[METADATA_KEY], "metadata")
+  if type(info) is not dict or info.get("format") != FORMAT:
+    raise Invalid(f"unknown format {short(info.get('format') if type(info) is dict else info)}.")
+  version = info.get("version")
+  if type(version) is int and version == 1:
+    raise Invalid(f"format version 1, whose checksum does not cover its metadata, so it cannot be "
+                   f"trusted; this softshare_jax reads version {FORMAT_VERSION}. Load it with the "
+                   "softshare_jax that wrote it and save it again.")
+  if version != FORMAT_VERSION or type(version) is not int:
+    raise Invalid(f"format version {short(version)}; this softshare_jax reads version {FORMAT_VERSION}.")
+  if set(info) != {"format", "version", "leaves", "sha256"}:
+    raise Invalid(f"its metadata has keys {short(sorted(info))}, not format, version, leaves, sha256.")
+  sha = info.pop("sha256")
+  if type(sha) is not str or not re.fullmatch("[0-9a-f]{64}", sha):
+    raise Invalid(f"its checksum {short(sha)} is not a SHA-256 in hex.")
+  if type(info["leaves"]) is not list:
+    raise Invalid(f"its leaves {short(info['leaves'])} are not a list.")
+  return info, sha, [_leaf(i, e) for i, e in enumerate(info["leaves"])]
+
+
+def _check_tensors(leaves: list[Leaf], tensors: dict[str, Tensor]) -> None:
+  """Every tensor belongs to exactly one leaf, with the dtype and shape the leaf implies."""
+  want = {f"{i}/{role}": (i, role) for i, leaf in enumerate(leaves) for role in _ROLES[leaf.kind]}
+  if set(tensors) != set(want):
+    extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+    raise Invalid(f"tensor {short(extra[0])} belongs to no leaf." if extra else
+                   f"leaf {want[missing[0]][0]} has no tensor {missing[0]!r}.")
+  for i, leaf in enumerate(leaves):
+    who = f"leaf {i} ({leaf.name!r})"
+    if leaf.kind == "array":
+      t, stored = tensors[f"{i}/value"], stored_dtype(leaf.dtype)
+      if (t.st_dtype, t.shape) != (ST_NAMES[stored], leaf.shape):
+        raise Invalid(f"{who} is {leaf.dtype}{list(leaf.shape)}, stored as {stored}, but its tensor is "
+                       f"{ST_DTYPES[t.st_dtype]}{list(t.shape)}.")
+      continue
+    book = tensors[f"{i}/codebook"]
+    if book.st_dtype != "F32" or len(book.shape) != 1:
+      raise Invalid(f"{who}'s codebook is {ST_DTYPES[book.st_dtype]}{list(book.shape)}, not float32[K].")
+    k = book.shape[0]
+    if k == 0 and (leaf.size or leaf.kind == "hashed"):
+      raise Invalid(f"{who} has an empty codebook.")
+    if leaf.bits != index_bits(k):
+      raise Invalid(f"{who} has {leaf.bits}-bit indices; a codebook of {k} needs {index_bits(k)}.")
+    if leaf.kind == "quantized":
+      t, per = tensors[f"{i}/indices"], max(1, 8 // leaf.bits)
+      want_shape, want_dtype = (-(-leaf.size // per),), ST_NAMES[f"uint{max(leaf.bits, 8)}"]
+      if (t.st_dtype, t.shape) != (want_dtype, want_shape):
+        raise Invalid(f"{who}'s indices are {ST_DTYPES[t.st_dtype]}{list(t.shape)}, not the "
+                       f"{ST_DTYPES[want_dtype]}{list(want_shape)} that hold {leaf.size} {leaf.bits}-bit indices.")
+
+
+def _check_paths(leaves: list[Leaf]) -> None:
+  paths = sorted(leaf.path for leaf in leaves)
+  for a, b in zip(paths, paths[1:]):  # a path that extends another sorts right after it
+    if b[:len(a)] == a:
+      raise Invalid(f"the leaf paths {'/'.join(a)!r} and {'/'.join(b)!r} " +
+                     ("repeat." if a == b else "overlap (one is inside the other)."))
+
+
+def _check_hashed(leaves: list[Leaf], file_bytes: int) -> None:
+  budget = max(HASHED_WEIGHTS_FLOOR, HASHED_WEIGHTS_PER_BYTE * file_bytes)
+  total = 0
+  for i, leaf in enumerate(leaves):
+    if leaf.kind == "hashed":
+      if leaf.size > HASH_POSITIONS:
+        raise Invalid(f"hashed leaf {i} ({leaf.name!r}) has {leaf.size} weights; the hash covers {HASH_POSITIONS}.")
+      total += leaf.size
+  if total > budget:
+    raise Invalid(f"its hashed leaves declare {total} weights; a file of {file_bytes} bytes may declare "
+                   f"max({HASHED_WEIGHTS_FLOOR}, {HASHED_WEIGHTS_PER_BYTE} per byte) = {budget}.")
+
+
+def check_layout(header_bytes: bytes, file_bytes: int) -> Layout:
+  """Checks the header and the metadata against each other and the file's length; reads no data."""
+  header = _strict_json(header_bytes, "header")
+  if type(header) is not dict:
+    raise Invalid(f"its header is {short(header)}, not a JSON object (not a safetensors file).")
+  meta, sha, leaves = _metadata(header)
+  tensors = {name: _tensor(name, x) for name, x in header.items() if name != "__metadata__"}
+  end = 0
+  for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+    if t.begin != end:
+      raise Invalid(f"its tensors {'overlap' if t.begin < end else 'leave a gap'} at byte {min(t.begin, end)}.")
+    end = t.end
+  declared = 8 + len(header_bytes) + end
+  if declared != file_bytes:
+    raise Invalid(f"its header describes {declared} bytes but the file has {file_bytes} "
+                   f"({'truncated' if declared > file_bytes else 'trailing bytes'}).")
+  _check_tensors(leaves, tensors)
+  _check_paths(leaves)
+  _check_hashed(leaves, file_bytes)
+  return Layout(meta, sha, leaves, tensors)
