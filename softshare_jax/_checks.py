@@ -1,8 +1,9 @@
 """Argument checks and small helpers every transform shares.
 
 Each check raises a ``ValueError`` that names the argument and shows its
-value. Traced values and schedules pass the value checks: they are only known
-at run time, where the math guards itself.
+value. Traced values and schedules pass the construction-time checks: they
+are only known at run time, where :func:`check_schedule_value` checks them
+(eagerly when concrete, under ``checkify`` when traced).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import checkify
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -74,3 +77,32 @@ def require_params(transform: str, params: Any) -> None:
 def value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> Any:
   """A hyperparameter at step ``count``: a schedule is called, a number is returned."""
   return value(count) if callable(value) else value
+
+
+def check_schedule_value(name: str, value: Any) -> Any:
+  """``value`` (a hyperparameter at this step, e.g. a schedule's output), checked finite and >= 0.
+
+  A concrete value is checked now (``ValueError`` naming ``name``). A traced
+  one (under ``jit`` or ``optax.inject_hyperparams``) cannot be: it gets a
+  ``checkify.debug_check``, which reports a failing step when the caller
+  wraps the step in ``jax.experimental.checkify.checkify`` and is dropped
+  otherwise (then a NaN value makes the updates NaN and a negative one
+  reverses the transform's pull).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.experimental import checkify
+    >>> def step(s):
+    ...   return 2.0 * check_schedule_value("strength", s)
+    >>> float(jax.jit(step)(-1.0))  # not checkified: no check
+    -2.0
+    >>> err, _ = checkify.checkify(jax.jit(step))(jnp.float32(jnp.nan))
+    >>> err.get()
+    'strength must be finite and >= 0 at every step, got nan (`check` failed)'
+  """
+  if is_traced(value):
+    ok = jnp.all(jnp.isfinite(value) & (value >= 0))
+    checkify.debug_check(ok, f"{name} must be finite and >= 0 at every step, got {{}}", value)
+  else:
+    check_nonnegative(name, value)
+  return value

@@ -1,7 +1,8 @@
 """Masks: which leaves of a parameter tree a transform acts on.
 
 A mask is what ``optax.masked`` takes: a pytree of bools with the structure of
-the params (or a prefix of it), or a callable ``params -> such a pytree``.
+the params or a prefix of it (a bool then covers a whole subtree; a plain
+``True`` covers everything), or a callable ``params -> such a pytree``.
 """
 
 from __future__ import annotations
@@ -10,30 +11,71 @@ from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Mask = Union[Any, Callable[[Any], Any]]
+
+
+def _as_bool(path: tuple, m: Any) -> bool:
+  """A mask leaf as a Python bool; anything but a bool scalar is an error (``"False"`` is truthy)."""
+  if isinstance(m, (bool, np.bool_)):
+    return bool(m)
+  ok = (getattr(m, "dtype", None) == np.bool_ and np.shape(m) == ()
+        and not isinstance(m, jax.core.Tracer))
+  if not ok:
+    where = f" at {path_str(path)!r}" if path else ""
+    raise ValueError(f"mask must hold bools (Python, NumPy or concrete JAX bool scalars), got {m!r}{where}; "
+                     "a mask leaf covers the whole params subtree under it.")
+  return bool(m)
 
 
 def resolve_mask(mask: Mask | None, params: Any, default: Callable[[Any], bool]) -> Any:
   """A pytree of Python bools with the structure of ``params``.
 
+  A bool in ``mask`` stands for every leaf of the params subtree at its
+  place (a prefix mask, as ``optax.masked`` takes). ``default`` chooses the
+  leaves when ``mask`` is None, and is expected to skip non-float leaves; a
+  user mask that selects one (an int, bool or complex array) is an error,
+  since the transforms and quantizers would truncate or drop part of it.
+
   Args:
-    mask: None (use ``default`` per leaf), a pytree of bools, or a callable
-      returning one.
+    mask: None (use ``default`` per leaf), a pytree of bools (the params'
+      structure or a prefix of it), or a callable returning one.
     params: the parameter tree (arrays or ``jax.ShapeDtypeStruct`` leaves).
     default: leaf -> bool, used when ``mask`` is None.
+
+  Raises:
+    ValueError: naming ``mask``, if it is not such a pytree of bools, or if it
+      selects a leaf that is not a floating-point array (naming its path).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softshare_jax import masks
+    >>> params = {"a": {"w": jnp.ones(2), "b": jnp.ones(2)}, "c": jnp.ones(2)}
+    >>> masks.resolve_mask({"a": True, "c": False}, params, masks.is_float_leaf)
+    {'a': {'b': True, 'w': True}, 'c': False}
   """
   if mask is None:
     return jax.tree.map(default, params)
   if callable(mask):
     mask = mask(params)
+  flat_mask, mask_def = jax.tree_util.tree_flatten_with_path(mask)
   try:
-    return jax.tree.map(lambda _, m: bool(m), params, mask)
+    # The params subtree under each mask leaf (the mask is a prefix); a mask
+    # deeper than the params is a structure error, not a truthy subtree.
+    subtrees = mask_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "mask must be a pytree of bools with the structure of the params "
+        "mask must be a pytree of bools with the structure of the params or a prefix of it "
         f"(or a callable returning one): {e}"
     ) from None
+  out = mask_def.unflatten([jax.tree.map(lambda _, on=_as_bool(path, m): on, sub)
+                            for (path, m), sub in zip(flat_mask, subtrees)])
+  for (path, leaf), on in zip(leaves_with_paths(params), jax.tree.leaves(out)):
+    if on and not is_float_leaf(leaf):
+      raise ValueError(f"mask selects params leaf {path!r}, which is not a floating-point array (dtype "
+                       f"{getattr(leaf, 'dtype', type(leaf).__name__)}); leave it out of the mask.")
+  return out
 
 
 def is_float_leaf(leaf: Any) -> bool:

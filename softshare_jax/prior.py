@@ -103,7 +103,7 @@ class _PriorConfig:
   key: Any
   use_em: bool
   mask: Any
-  chunk: int
+  chunk: int | None
 
   def masked(self, params: Any) -> Any:
     """The mask as a pytree of bools (default: kernels)."""
@@ -111,11 +111,12 @@ class _PriorConfig:
 
   def new_mixture(self, weights: list) -> Mixture:
     """The starting mixture for the masked leaves; a placeholder when they have no values."""
-    kwargs = dict(zero_component=self.zero_component, zero_weight=self.zero_weight)
+    kwargs = dict(zero_component=self.zero_component, zero_weight=self.zero_weight, name="params")
     if not weights or any(isinstance(x, jax.ShapeDtypeStruct) for x in weights):
-      return _init.init_mixture(jnp.zeros((1,), jnp.float32), self.num_components, **kwargs)
-    return _init.init_mixture([jnp.asarray(x, jnp.float32) for x in weights], self.num_components,
-                              init=self.init, key=self.key, **kwargs)
+      return _init.initial_mixture(jnp.zeros((1,), jnp.float32), self.num_components, init="range",
+                                   key=None, **kwargs)
+    return _init.initial_mixture([jnp.asarray(x, jnp.float32) for x in weights], self.num_components,
+                                 init=self.init, key=self.key, **kwargs)
 
 
 def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
@@ -123,7 +124,9 @@ def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
   """Adds ``s · ∂/∂w [−log p(w)]`` to the masked updates; sums the statistics.
 
   Returns the new updates, the statistics of all masked weights, and whether
-  any leaf was masked in.
+  any leaf was masked in. A weight the mixture cannot evaluate (NaN, ±Inf, or
+  a log-joint of −inf for every component) adds nothing to its update and is
+  left out of the statistics (``_statistics.weight_pass``).
   """
   u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
   p_leaves = treedef.flatten_up_to(params)
@@ -222,11 +225,35 @@ def mixture_prior(
   (``num_components`` free components, plus the zero component when
   ``zero_component``). Under ``jax.ShapeDtypeStruct`` params ``init`` returns a
   placeholder mixture of the right structure. Large leaves are evaluated
-  ``chunk_size`` weights at a time (default 2**16), so the extra memory of
-  both updates is O(chunk_size × K), not O(#weights × K): the weights'
-  gradient, the mixture's gradient and the ``"em"`` update all come from the
-  same chunked pass (the sufficient statistics of docs/design.md §4.1). The
-  math runs in float32; the updates keep their dtypes.
+  ``chunk_size`` weights at a time (default 2**16, fewer when K > 64 so that
+  chunk × K ≤ 2**22), so the extra memory of both updates is
+  O(chunk_size × K), not O(#weights × K): the weights' gradient, the
+  mixture's gradient and the ``"em"`` update all come from the same chunked
+  pass (the sufficient statistics of docs/design.md §4.1). The math runs in
+  float32; the updates keep their dtypes.
+
+  Broken weights. A weight the mixture cannot evaluate, NaN or ±Inf or so
+  far from every component that its log-joint is −inf for all of them
+  (λ_j (w − μ_j)² overflows float32, e.g. w = 1e20), gets no prior gradient:
+  its update is passed through unchanged, and it is left out of the
+  mixture's statistics. So the other weights' updates and the mixture are
+  those of the healthy weights alone, and the mixture (and its optimizer's
+  state) stays finite. Passing the update through, rather than making it NaN,
+  keeps the prior from breaking a weight the loss may still bring back; a
+  NaN weight stays NaN by itself, visible in the params. ``init`` ignores NaN
+  and Inf weights, and raises a ``ValueError`` naming ``params`` when no
+  masked weight is finite.
+
+  ``strength`` at run time. A value known at construction is checked then.
+  A schedule's value is checked at each step: a ``ValueError`` when ``update``
+  runs eagerly; under ``jit`` (or ``optax.inject_hyperparams``) it is a
+  ``jax.experimental.checkify`` check, reported when the step is wrapped in
+  ``checkify.checkify`` (``err, out = checkify.checkify(step)(...);
+  err.throw()``) and free otherwise. Unchecked, a NaN strength makes every
+  masked update NaN (and, in ``"gradient"`` mode, the mixture and its
+  optimizer's state NaN for good); a negative one pushes the weights away
+  from the means and, in ``"gradient"`` mode, the mixture away from the
+  weights.
 
   Args:
     num_components: F >= 1, the number of free components.
@@ -241,8 +268,10 @@ def mixture_prior(
     init: ``"range"``, ``"quantile"`` or ``"kmeans++"`` (needs ``key``).
     mixture_optimizer: an Optax transformation for the mixture's parameters.
     mixture_update: ``"gradient"`` or ``"em"``.
-    mask: which leaves (a pytree of bools or a callable, as ``optax.masked``).
-    chunk_size: weights per chunk (None: 2**16).
+    mask: which leaves (a pytree of bools, a prefix of one such as
+      ``{"encoder": True}``, or a callable, as ``optax.masked``); selecting
+      a leaf that is not a floating-point array is a ``ValueError``.
+    chunk_size: weights per chunk (None: 2**16, or 2**22 // K when smaller).
     key: a PRNG key, for ``init="kmeans++"``.
 
   Returns:
@@ -282,8 +311,7 @@ def mixture_prior(
       precision_prior=_hyper.check_gamma_prior("precision_prior", precision_prior),
       zero_precision_prior=_hyper.check_gamma_prior("zero_precision_prior", zero_precision_prior),
       init=init, key=key, use_em=_checks.check_choice("mixture_update", mixture_update, _UPDATES) == "em",
-      mask=mask,
-      chunk=_statistics.DEFAULT_CHUNK if chunk_size is None else _checks.check_int("chunk_size", chunk_size))
+      mask=mask, chunk=None if chunk_size is None else _checks.check_int("chunk_size", chunk_size))
   if mixture_optimizer is not None and not (hasattr(mixture_optimizer, "init")
                                             and hasattr(mixture_optimizer, "update")):
     raise ValueError(f"mixture_optimizer must be an Optax transformation, got {mixture_optimizer!r}.")
@@ -298,7 +326,8 @@ def mixture_prior(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params("mixture_prior", params)
-    s = jnp.asarray(_checks.value_at(strength, state.count), jnp.float32)
+    s = jnp.asarray(_checks.check_schedule_value("strength", _checks.value_at(strength, state.count)),
+                    jnp.float32)
     return step(updates, state, params, s)
 
   @jax.jit  # One compiled function: eager calls would dispatch many small ops.

@@ -257,7 +257,7 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: optax.ScalarOrSchedul
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params("soft_tie", params)
-    lam = _checks.value_at(strength, state.count)
+    lam = _checks.check_schedule_value("strength", _checks.value_at(strength, state.count))
     u_flat, p_flat = _flatten(updates), _flatten(params)
     p_groups = _resolve("soft_tie", p_flat, parsed)
     u_groups = _resolve("soft_tie", u_flat, parsed, what="update")

@@ -476,3 +476,155 @@ def test_merge_conservation_property(k, has_zero, threshold, seed):
   if has_zero:
     assert float(got.means[0]) == 0.0
   assert ss.merge_components(got, threshold).num_components == got.num_components
+
+
+# ----------------------------------------------------------------------------
+# Broken weights (NaN, Inf, overflowing) and broken mixtures.
+
+BROKEN = [np.nan, np.inf, -np.inf, 1e20]
+
+
+@pytest.mark.parametrize("bad", BROKEN)
+@pytest.mark.parametrize("has_zero", [True, False])
+def test_em_step_ignores_broken_weights(bad, has_zero):
+  # 1e20 is finite but λ (w − μ)² overflows float32 for every component: it
+  # has no finite density either. The step must be that of the healthy weights.
+  rng = np.random.default_rng(20)
+  m = random_mixture(rng, 3, has_zero, gamma_range=(0.0, 2.0))
+  w = sample(rng, m, 300).astype(np.float32)
+  got = ss.em_step(m, jnp.asarray(np.concatenate([w[:100], [bad], w[100:], [bad]]), jnp.float32))
+  mu, lam, pi = ref_em(m, w)
+  np.testing.assert_allclose(got.means, mu, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got.precisions, lam, rtol=1e-4)
+  np.testing.assert_allclose(got.weights, pi, rtol=1e-4, atol=1e-7)
+
+
+def test_em_step_with_no_usable_weight():
+  m = random_mixture(np.random.default_rng(21), 2, True)
+  for w in (jnp.full((5,), jnp.nan), jnp.array([jnp.inf, -jnp.inf, 1e20])):
+    with pytest.raises(ValueError, match="w has no usable weight"):
+      ss.em_step(m, w)
+    # Under jit it cannot raise: every component has lost its mass, nothing moves.
+    got = jax.jit(ss.em_step)(m, w)
+    for x, y in zip(ref_components(got), ref_components(m)):  # logits are only defined up to a shift
+      np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+def test_em_step_nan_mixture_is_not_hidden():
+  # A NaN mixture gives NaN, not a silently unchanged mixture.
+  m = ss.Mixture(jnp.array([jnp.nan]), jnp.zeros(2), jnp.zeros(1), jnp.array(0.0), True)
+  got = ss.em_step(m, jnp.array([0.1, 0.2]))
+  assert bool(jnp.isnan(got.free_means[0]))
+
+
+@pytest.mark.parametrize("init", ["range", "quantile"])
+@pytest.mark.parametrize("zero_component", [True, False])
+def test_init_ignores_non_finite_weights(weights, init, zero_component):
+  broken = jnp.concatenate([weights[:50], jnp.array([jnp.nan, jnp.inf, -jnp.inf]), weights[50:]])
+  got = ss.init_mixture(broken, 4, init=init, zero_component=zero_component)
+  want = ss.init_mixture(weights, 4, init=init, zero_component=zero_component)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  # Against the NumPy references of the finite weights.
+  w = np.asarray(weights, np.float64)
+  ref = np.linspace(w.min(), w.max(), 4) if init == "range" else np.quantile(w, (np.arange(4) + 0.5) / 4)
+  np.testing.assert_allclose(got.free_means, ref, rtol=1e-5, atol=1e-6)
+  if zero_component:
+    np.testing.assert_allclose(float(got.stddevs[0]), 1.4826 * np.median(np.abs(w)), rtol=1e-5)
+
+
+def test_kmeanspp_init_ignores_non_finite_weights():
+  rng = np.random.default_rng(22)
+  centres = np.array([-2.0, 0.5, 3.0])
+  w = np.concatenate([rng.normal(c, 0.05, 200) for c in centres])
+  w[::7] = np.nan
+  w[3::11] = np.inf
+  m = ss.init_mixture(jnp.asarray(w, jnp.float32), 3, init="kmeans++", key=jax.random.key(0),
+                      zero_component=False)
+  np.testing.assert_allclose(m.free_means, centres, atol=0.02)
+
+
+def test_init_with_no_finite_weight():
+  with pytest.raises(ValueError, match="weights has no finite value"):
+    ss.init_mixture(jnp.array([jnp.nan, jnp.inf]), 2)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("free_means", jnp.array([jnp.nan, 1.0])), ("log_precisions", jnp.array([0.0, jnp.nan, 0.0])),
+     ("logits", jnp.array([0.0, jnp.inf])), ("zero_logit", jnp.array(jnp.nan)),
+     ("log_precisions", jnp.array([0.0, 200.0, 0.0]))],  # λ = e^200 overflows float32
+)
+def test_merge_rejects_a_broken_mixture(field, value):
+  m = make([0.0, 1.0, 1.001], [0.1, 0.1, 0.1], [0.5, 0.25, 0.25], has_zero=True)
+  bad = ss.Mixture(**{**dict(free_means=m.free_means, log_precisions=m.log_precisions, logits=m.logits,
+                             zero_logit=m.zero_logit, has_zero=True), field: value})
+  with pytest.raises(ValueError, match=f"mixture .*{field}"):
+    ss.merge_components(bad, 1.0)
+
+
+def _merge_reference(mixture, threshold):
+  """The quadratic-per-merge algorithm: every divergence recomputed before each merge (float64)."""
+  has_zero = mixture.has_zero
+  mu = list(np.asarray(mixture.means, np.float64))
+  gamma = list(np.asarray(mixture.log_precisions, np.float32).astype(np.float64))
+  pi = np.asarray(mixture.weights, np.float64)
+  pi = list(pi / pi.sum())
+  while len(mu) > 1:
+    var = np.exp(-np.asarray(gamma))
+    m_ = np.asarray(mu)
+    d2 = np.square(m_[:, None] - m_[None, :])
+    kl = (var[:, None] + d2) / (2 * var[None, :]) + (var[None, :] + d2) / (2 * var[:, None]) - 1.0
+    kl[np.tril_indices(len(mu))] = np.inf
+    a, b = np.unravel_index(np.argmin(kl), kl.shape)
+    if not kl[a, b] < threshold:
+      break
+    p = pi[a] + pi[b]
+    second = (pi[a] * (var[a] + mu[a] ** 2) + pi[b] * (var[b] + mu[b] ** 2)) / p
+    new_mu = 0.0 if has_zero and a == 0 else float(np.float32((pi[a] * mu[a] + pi[b] * mu[b]) / p))
+    new_var = max(second - new_mu**2, 1e-300)
+    mu[a], pi[a] = new_mu, p
+    gamma[a] = float(np.float32(np.clip(-np.log(new_var), -60.0, 60.0)))
+    del mu[b], gamma[b], pi[b]
+  return np.asarray(mu), np.asarray(gamma), np.asarray(pi)
+
+
+@hypothesis.settings(max_examples=20)
+@hypothesis.given(
+    k=st.integers(1, 24),
+    has_zero=st.booleans(),
+    threshold=st.sampled_from([0.0, 0.05, 0.5, 3.0, 1e9]),
+    copies=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_makes_the_same_merges_as_recomputing_everything(k, has_zero, threshold, copies, seed):
+  # Repeated components make exact ties: the order of merges must be the same too.
+  rng = np.random.default_rng(seed)
+  base = random_mixture(rng, k, has_zero, gamma_range=(-2.0, 4.0))
+  m = ss.Mixture(jnp.tile(base.free_means, copies),
+                 jnp.concatenate([base.log_precisions[:int(has_zero)]]
+                                 + [base.log_precisions[int(has_zero):]] * copies),
+                 jnp.tile(base.logits, copies), base.zero_logit, has_zero)
+  got = ss.merge_components(m, threshold)
+  mu, gamma, pi = _merge_reference(m, threshold)
+  np.testing.assert_array_equal(np.asarray(got.means, np.float64), mu.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(got.log_precisions), gamma.astype(np.float32))
+  np.testing.assert_allclose(np.asarray(got.weights, np.float64), pi / pi.sum(), rtol=1e-6)
+
+
+def test_merge_memory_is_not_quadratic():
+  import tracemalloc
+  # K = 3000: a K × K float64 matrix is 72 MB; the merge keeps a nearest
+  # partner per component and evaluates 2**20 divergences at a time.
+  k = 3000
+  means = np.linspace(-30.0, 30.0, k)  # D ≈ 400 between neighbours
+  means[10] = means[9] + 1e-7  # one close pair: one merge, then none is close
+  m = make(means, np.full(k, 1e-3), np.full(k, 1.0 / k), has_zero=False)
+  tracemalloc.start()
+  try:
+    got = ss.merge_components(m, 1e-3)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert got.num_components == k - 1
+  assert peak < 48 * 2**20, peak

@@ -450,3 +450,115 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
   p2, s2 = cont(restored["params"], restored["opt_state"])
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------
+# Broken weights, run-time strength, memory.
+
+
+@pytest.mark.parametrize("update", ["gradient", "em"])
+def test_broken_weights_change_nothing_else(update):
+  # Run A has an extra masked leaf [[NaN, Inf, −Inf, 1e20, 0.1]], run B the
+  # same leaf without the broken weights, [[0.1]]. Every step, the healthy
+  # weights' updates and the mixture must be the same (1e20 is finite, but
+  # λ (w − μ)² overflows float32 for every component); the broken weights'
+  # updates pass through unchanged.
+  params, updates = make_params(), make_updates()
+  a = {"kernel": params["kernel"], "conv": params["conv"],
+       "x": jnp.array([[np.nan, np.inf, -np.inf, 1e20, 0.1]], jnp.float32)}
+  a_u = {"kernel": updates["kernel"], "conv": updates["conv"], "x": jnp.array([[0.25, 1.0, 2.0, 3.0, -0.5]])}
+  b = {**a, "x": jnp.array([[0.1]], jnp.float32)}
+  b_u = {**a_u, "x": jnp.array([[-0.5]], jnp.float32)}
+  tx = ss.mixture_prior(3, 1e-2, mixture_update=update)
+  step = jax.jit(tx.update)
+  s_a = s_b = tx.init(b)  # the same start (the state does not depend on the tree)
+  for _ in range(3):
+    out_a, s_a = step(a_u, s_a, a)
+    out_b, s_b = step(b_u, s_b, b)
+    for k in ("kernel", "conv"):
+      np.testing.assert_allclose(np.asarray(out_a[k]), np.asarray(out_b[k]), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(float(out_a["x"][0, 4]), float(out_b["x"][0, 0]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out_a["x"][0, :4]), [0.25, 1.0, 2.0, 3.0])  # passed through
+    for x, y in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+  # The weight heals: the next steps are finite everywhere (the mixture's optimizer state too).
+  out, s = step(a_u, s_a, {**a, "x": jnp.array([[0.2, 0.1, -0.3, 0.0, 0.1]], jnp.float32)})
+  for leaf in jax.tree.leaves((out, s)):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+
+
+@pytest.mark.parametrize("update", ["gradient", "em"])
+def test_broken_weights_in_a_chunked_leaf(update):
+  # Within one leaf, through the chunked pass (50 weights in chunks of 16,
+  # padding included): the same as the leaf without the broken weights.
+  rng = np.random.default_rng(7)
+  w = rng.normal(0, 0.3, 48).astype(np.float32)
+  tx = ss.mixture_prior(3, 1e-2, mixture_update=update, zero_component=False, chunk_size=16)
+  clean = {"w": jnp.asarray(w.reshape(6, 8))}
+  state = tx.init(clean)
+  broken = {"w": jnp.asarray(np.concatenate([w[:20], [np.nan], w[20:40], [1e20], w[40:]]).reshape(5, 10))}
+  out_b, s_b = jax.jit(tx.update)({"w": jnp.zeros((5, 10))}, state, broken)
+  out_c, s_c = jax.jit(tx.update)({"w": jnp.zeros((6, 8))}, state, clean)
+  got = np.ravel(out_b["w"])
+  np.testing.assert_allclose(np.delete(got, [20, 41]), np.ravel(out_c["w"]), rtol=1e-6, atol=1e-9)
+  assert float(got[20]) == 0.0 and float(got[41]) == 0.0
+  for x, y in zip(jax.tree.leaves(s_b), jax.tree.leaves(s_c)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_init_ignores_non_finite_params_and_rejects_all_broken():
+  params = make_params()
+  broken = {**params, "kernel": params["kernel"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)}
+  kernel = np.asarray(params["kernel"]).ravel()
+  want = ss.init_mixture([jnp.asarray(np.delete(kernel, [0, 10])), params["conv"]], 3)
+  got = ss.mixture_prior(3).init(broken).mixture
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  with pytest.raises(ValueError, match="params has no finite value"):
+    ss.mixture_prior(3).init(jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params))
+
+
+def test_strength_schedule_is_checked_at_run_time():
+  from jax.experimental import checkify
+  params, updates = make_params(), make_updates()
+  # Steps 0, 1, 2, 3: fine, NaN, negative, Inf.
+  tx = ss.mixture_prior(3, lambda c: jnp.array([1e-3, jnp.nan, -1e-3, jnp.inf])[jnp.minimum(c, 3)])
+  state = tx.init(params)
+  checked = jax.jit(checkify.checkify(tx.update))
+  err, _ = checked(updates, state, params)
+  err.throw()  # step 0 is fine
+  for count in (1, 2, 3):
+    s = state._replace(count=jnp.asarray(count, jnp.int32))
+    # Eagerly the value is concrete: a ValueError naming strength.
+    with pytest.raises(ValueError, match="strength must be finite and >= 0"):
+      tx.update(updates, s, params)
+    # Under jit: reported when the step is checkified...
+    err, _ = checked(updates, s, params)
+    with pytest.raises(checkify.JaxRuntimeError, match="strength must be finite and >= 0 at every step"):
+      err.throw()
+  # ... and free otherwise, with the documented result: NaN updates.
+  out, _ = jax.jit(tx.update)(updates, state._replace(count=jnp.asarray(1, jnp.int32)), params)
+  assert np.all(np.isnan(np.asarray(out["kernel"])))
+
+
+def test_strength_checks_under_inject_hyperparams():
+  from jax.experimental import checkify
+  params, updates = make_params(), make_updates()
+  tx = optax.inject_hyperparams(ss.mixture_prior, static_args=("num_components",))(3, 1e-3)
+  state = tx.init(params)
+  state.hyperparams["strength"] = jnp.asarray(-1.0)
+  err, _ = jax.jit(checkify.checkify(tx.update))(updates, state, params)
+  with pytest.raises(checkify.JaxRuntimeError, match="strength"):
+    err.throw()
+
+
+@pytest.mark.parametrize("update", ["gradient", "em"])
+def test_memory_is_bounded_whatever_k(update):
+  # The compiled step's temporaries: a few (chunk, K) float32 arrays with
+  # chunk × K ≤ 2**22, i.e. tens of MB, where one (n, K) array alone would be
+  # 32768 × 4001 × 4 bytes = 524 MB.
+  params = {"w": jax.ShapeDtypeStruct((128, 256), jnp.float32)}
+  tx = ss.mixture_prior(4000, 1e-3, mixture_update=update)
+  state = jax.eval_shape(tx.init, params)
+  temp = jax.jit(tx.update).lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 96 * 2**20, temp

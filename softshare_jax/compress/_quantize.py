@@ -18,11 +18,18 @@ from softshare_jax.compress._format import check_quantized
 from softshare_jax.compress._format import is_qleaf
 from softshare_jax.compress._format import leaf_from_values
 from softshare_jax.compress._format import Quantized
-from softshare_jax.mixture._model import check_mixture
+from softshare_jax.mixture._model import check_finite_mixture
 from softshare_jax.mixture._model import Mixture
 
 _ASSIGNMENTS = ("map", "ml")
-_CHUNK = 1 << 16  # weights per block when assigning components (memory O(chunk × K))
+# Weights × components per block when assigning components: one float64
+# (block, K) array of 32 MiB, whatever the number of weights and of components.
+_BLOCK_BUDGET = 1 << 22
+
+
+def block_rows(num_components: int) -> int:
+  """Weights per block for a K-component mixture: block × K ≤ 2**22 (at least one weight)."""
+  return max(1, _BLOCK_BUDGET // max(1, int(num_components)))
 
 
 def host_weights(path: str, leaf: Any) -> np.ndarray:
@@ -54,15 +61,21 @@ def map_masked(name: str, params: Any, mask: Any, fn) -> Quantized:
 
 
 def _component_of(w: np.ndarray, mix: tuple[np.ndarray, np.ndarray, np.ndarray], use_weights: bool) -> np.ndarray:
-  """argmax_j [log π_j] + log N(w | μ_j, 1/λ_j), float64, ``_CHUNK`` weights at a time."""
+  """argmax_j [log π_j] + log N(w | μ_j, 1/λ_j), float64, :func:`block_rows` weights at a time."""
   mu, gamma, log_pi = mix
-  lam = np.exp(gamma)
+  half_lam = -0.5 * np.exp(gamma)
   base = 0.5 * gamma + (log_pi if use_weights else 0.0)
   out = np.empty(w.size, np.int64)
   flat = w.ravel()
-  for s in range(0, flat.size, _CHUNK):
-    x = flat[s:s + _CHUNK, None]
-    out[s:s + _CHUNK] = np.argmax(base - 0.5 * lam * np.square(x - mu), axis=1)
+  step = min(block_rows(mu.size), max(flat.size, 1))
+  buf = np.empty((step, mu.size))  # the one (block, K) array: every step works in place in it
+  for s in range(0, flat.size, step):
+    x = flat[s:s + step, None]
+    t = np.subtract(x, mu, out=buf[:x.shape[0]])
+    np.square(t, out=t)
+    t *= half_lam
+    t += base
+    out[s:s + step] = np.argmax(t, axis=1)
   return out
 
 
@@ -87,14 +100,17 @@ def quantize(params: Any, mixture: Mixture | None, *, mask: Any = None,
   ``quantize(dequantize(q), mixture)`` whenever every used mean is assigned to
   its own component (true unless a component is hidden under another).
 
-  Runs on the host (float64), not under ``jit``.
+  Runs on the host (float64), not under ``jit``, a block of at most 2**22
+  weights × components at a time (32 MiB whatever K). A mixture with a NaN
+  or Inf parameter (or a precision exp(γ) that overflows float32) is rejected
+  with a ``ValueError``: its codebook or assignments would be meaningless.
 
   Args:
     params: a pytree of arrays.
     mixture: a :class:`~softshare_jax.Mixture` (e.g. ``ss.get_mixture(state)``)
       or None.
-    mask: which leaves to quantize (pytree of bools or callable; default:
-      float leaves with ndim >= 2, as ``mixture_prior``).
+    mask: which leaves to quantize (pytree of bools, a prefix of one, or a
+      callable; default: float leaves with ndim >= 2, as ``mixture_prior``).
     assignment: ``"map"`` or ``"ml"``.
 
   Returns:
@@ -112,7 +128,7 @@ def quantize(params: Any, mixture: Mixture | None, *, mask: Any = None,
   _checks.check_choice("assignment", assignment, _ASSIGNMENTS)
   mix = None
   if mixture is not None:
-    check_mixture(mixture)
+    check_finite_mixture(mixture)
     mix = tuple(np.asarray(jax.device_get(a), np.float64)
                 for a in (mixture.means, mixture.log_precisions, mixture.log_weights))
 

@@ -49,8 +49,15 @@ def em_step(
   A component with N_j < 1e-6 (it has lost its mass) keeps its old mean,
   precision and proportion. Damping d blends every quantity with its old
   value, new = d·old + (1 − d)·closed form, in the means, log-precisions and
-  proportions. The statistics are summed 2^16 weights at a time, so memory is
-  O(2^16 × K) whatever the number of weights.
+  proportions. The statistics are summed in chunks of at most 2^16 weights
+  (fewer when K > 64, so that chunk × K ≤ 2^22), so memory is bounded
+  whatever the number of weights and components.
+
+  Weights the mixture cannot evaluate are ignored: NaN, ±Inf, and weights so
+  far from every component that their log-joint is −inf for all of them
+  (λ_j (w − μ_j)² overflows float32). When none is left it raises a
+  ``ValueError`` naming ``w`` (under ``jit``, where it cannot raise, every
+  component has lost its mass and keeps its mean, precision and proportion).
 
   Args:
     mixture: the current :class:`Mixture`.
@@ -80,13 +87,19 @@ def em_step(
   priors = PrecisionPriors.of(check_gamma_prior("precision_prior", precision_prior),
                               check_gamma_prior("zero_precision_prior", zero_precision_prior))
   x = flat_weights(w, "w")
-  return _em(mixture, x, priors, jnp.asarray(damping, jnp.float32), bool(learn_zero_weight))
+  new, used = _em(mixture, x, priors, jnp.asarray(damping, jnp.float32), bool(learn_zero_weight))
+  if not is_traced(used) and float(used) == 0:
+    raise ValueError(f"w has no usable weight: all {x.size} are NaN, Inf, or too far from every "
+                     "component of mixture for a finite density (check the weights and the mixture).")
+  return new
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
 def _em(mixture: Mixture, x: jax.Array, priors: PrecisionPriors, damping: jax.Array,
-        learn_zero_weight: bool) -> Mixture:
-  return m_step(mixture, statistics(mixture, x), priors, damping, learn_zero_weight)
+        learn_zero_weight: bool) -> tuple[Mixture, jax.Array]:
+  """The new mixture and the number of weights its statistics used."""
+  stats = statistics(mixture, x)
+  return m_step(mixture, stats, priors, damping, learn_zero_weight), stats.count
 
 
 def m_step(mixture: Mixture, stats: Statistics, priors: PrecisionPriors, damping: jax.Array | float,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from softshare_jax._checks import check_choice
 from softshare_jax._checks import check_int
 from softshare_jax._checks import check_open_unit
+from softshare_jax._checks import is_traced
 from softshare_jax._checks import require_key
 from softshare_jax.mixture._model import flat_weights
 from softshare_jax.mixture._model import Mixture
@@ -30,23 +31,43 @@ def _spacing_stddevs(means: jax.Array, fallback: jax.Array) -> jax.Array:
   return 0.25 * (left + right)
 
 
-def kmeans_pp(w: jax.Array, k: int, key: jax.Array) -> jax.Array:
-  """k-means++ seeding (Arthur & Vassilvitskii 2007) then Lloyd iterations; sorted centres."""
+def kmeans_pp(w: jax.Array, k: int, key: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007) then Lloyd iterations; sorted centres.
+
+  Only the weights where ``valid`` (all when None) are drawn or averaged. Memory
+  is O(len(w) + k): nearest centres come from the sorted centres' midpoints,
+  not from a (len(w), k) distance matrix, and the seeding is a loop, not k
+  unrolled steps.
+  """
+  n = w.shape[0]
   keys = jax.random.split(key, k)
-  centres = [jax.random.choice(keys[0], w)]
-  d2 = jnp.square(w - centres[0])
-  for i in range(1, k):
+  if valid is None:
+    first = jax.random.choice(keys[0], w)
+    live = jnp.ones_like(w)
+  else:
+    live = valid.astype(w.dtype)
+    w = jnp.where(valid, w, 0.0)
+    first = jax.random.choice(keys[0], w, p=live / jnp.maximum(jnp.sum(live), 1.0))
+  d2 = live * jnp.square(w - first)
+
+  def seed(i, carry):
+    centres, d2 = carry
     total = jnp.sum(d2)
-    p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), 1.0 / w.shape[0])
+    uniform = live / jnp.maximum(jnp.sum(live), 1.0) if valid is not None else 1.0 / n
+    p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), uniform)
     c = jax.random.choice(keys[i], w, p=p)
-    centres.append(c)
-    d2 = jnp.minimum(d2, jnp.square(w - c))
-  centres = jnp.stack(centres)
+    return centres.at[i].set(c), jnp.minimum(d2, live * jnp.square(w - c))
+
+  centres = jnp.zeros((k,), w.dtype).at[0].set(first)
+  centres, _ = jax.lax.fori_loop(1, k, seed, (centres, d2))
 
   def lloyd(_, c):
-    assign = jnp.argmin(jnp.square(w[:, None] - c[None, :]), axis=-1)
-    counts = jax.ops.segment_sum(jnp.ones_like(w), assign, k)
-    sums = jax.ops.segment_sum(w, assign, k)
+    c = jnp.sort(c)
+    # In 1-D the nearest centre is the one between the neighbouring midpoints
+    # (ties to the lower one, as argmin would).
+    assign = jnp.searchsorted((c[1:] + c[:-1]) / 2, w, side="left")
+    counts = jax.ops.segment_sum(live, assign, k)
+    sums = jax.ops.segment_sum(live * w, assign, k)
     return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c)
 
   centres = jax.lax.fori_loop(0, _KMEANS_ITERATIONS, lloyd, centres)
@@ -72,6 +93,11 @@ def init_mixture(
     ``np.quantile``);
   - ``"kmeans++"``: k-means++ seeding with ``key``, then 10 Lloyd iterations,
     sorted.
+
+  NaN and ±Inf weights are ignored (a diverged weight must not make the
+  starting mixture NaN); with no finite weight at all it raises a
+  ``ValueError`` naming ``weights``, except under ``jit``, where the check
+  cannot run and the mixture is NaN.
 
   Every init gives the free components equal proportions and a stddev equal to
   half the mean gap to their neighbouring means (the one gap at either end),
@@ -104,7 +130,16 @@ def init_mixture(
     ([0.0, -1.0, 0.0, 1.0], [0.7, 0.1, 0.1, 0.1])
   """
   f = check_init_args(num_components, zero_weight, init, key)
-  w = flat_weights(weights, "weights")
+  return initial_mixture(weights, f, zero_component=zero_component, zero_weight=zero_weight, init=init,
+                         key=key, name="weights")
+
+
+def initial_mixture(weights: Any, f: int, *, zero_component: bool, zero_weight: Any, init: str, key: Any,
+                    name: str) -> Mixture:
+  """:func:`init_mixture` after its argument checks; ``name`` is the weights' name in errors."""
+  w = flat_weights(weights, name)
+  if not is_traced(w) and not bool(jnp.any(jnp.isfinite(w))):
+    raise ValueError(f"{name} has no finite value (all {w.size} are NaN or Inf): cannot start a mixture from it.")
   return _init(w, jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component), init)
 
 
@@ -119,18 +154,21 @@ def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _init(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
-  lo, hi = jnp.min(w), jnp.max(w)
-  spread = jnp.std(w)
+  # NaN stands for every non-finite weight, so that the nan-reductions skip them.
+  finite = jnp.isfinite(w)
+  w = jnp.where(finite, w, jnp.nan)
+  lo, hi = jnp.nanmin(w), jnp.nanmax(w)
+  spread = jnp.nanstd(w)
   if init == "range":
     means = (lo + hi) / 2 * jnp.ones((1,)) if f == 1 else jnp.linspace(lo, hi, f)
   elif init == "quantile":
-    means = jnp.quantile(w, (jnp.arange(f, dtype=jnp.float32) + 0.5) / f)
+    means = jnp.nanquantile(w, (jnp.arange(f, dtype=jnp.float32) + 0.5) / f)
   else:
-    means = kmeans_pp(w, f, key)
+    means = kmeans_pp(w, f, key, finite)
   stds = jnp.maximum(_spacing_stddevs(means.astype(jnp.float32), spread), 1e-6)
   log_prec = -2.0 * jnp.log(stds)
   if zero_component:
-    zero_std = jnp.maximum(1.4826 * jnp.median(jnp.abs(w)), 1e-6)
+    zero_std = jnp.maximum(1.4826 * jnp.nanmedian(jnp.abs(w)), 1e-6)
     log_prec = jnp.concatenate([(-2.0 * jnp.log(zero_std))[None], log_prec])
     zero_logit = jnp.log(zero_weight) - jnp.log1p(-zero_weight)
   else:

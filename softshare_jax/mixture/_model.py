@@ -141,3 +141,39 @@ def flat_weights(weights: Any, name: str) -> jax.Array:
   if flat.size == 0:
     raise ValueError(f"{name} must contain at least one weight.")
   return flat
+
+
+def check_finite_mixture(mixture: Any, name: str = "mixture") -> Mixture:
+  """``mixture`` if it is a concrete :class:`Mixture` whose parameters are finite.
+
+  For the host tools (quantizing, merging), where a NaN mean would become a
+  codebook entry and a NaN precision would send every weight to one
+  component. The precisions λ = exp(γ) must be finite and > 0 in float32
+  (|γ| up to about 88). An unused ``zero_logit`` (no zero component, or no
+  free one) is not checked.
+  """
+  check_mixture(mixture, name)
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mixture)):
+    raise ValueError(f"{name} must have concrete values (these tools run on the host, not under jit).")
+  parts = {"free_means": mixture.free_means, "log_precisions": mixture.log_precisions, "logits": mixture.logits}
+  if mixture.has_zero and np.shape(mixture.free_means)[0] > 0:
+    parts["zero_logit"] = mixture.zero_logit
+  for field, value in parts.items():
+    x = np.asarray(jax.device_get(value), np.float64)
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"{name} is not finite: {field} {_first_bad(x, ~np.isfinite(x))} (a diverged "
+                       "mixture: quantizing or merging it would give NaN codebooks or wrong assignments).")
+  gamma = np.asarray(jax.device_get(mixture.log_precisions), np.float64)
+  lam = np.asarray(jax.device_get(mixture.precisions))
+  bad = ~(np.isfinite(lam) & (lam > 0))
+  if np.any(bad):
+    raise ValueError(f"{name} has precisions exp(log_precisions) that overflow or underflow float32: "
+                     f"log_precisions {_first_bad(gamma, bad)} (keep |log_precisions| <= {MAX_LOG_PRECISION:g}).")
+  return mixture
+
+
+def _first_bad(x: np.ndarray, bad: np.ndarray) -> str:
+  """"[i] = v, ..." for the first few flagged entries (a K = 10,000 mixture must not fill the message)."""
+  idx = np.flatnonzero(np.ravel(bad))
+  shown = ", ".join(f"[{i}] = {float(np.ravel(x)[i])!r}" for i in idx[:4])
+  return shown + (f" and {idx.size - 4} more" if idx.size > 4 else "")

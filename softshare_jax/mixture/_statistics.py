@@ -9,6 +9,11 @@ component j, the same sums over the weights i (docs/design.md §4.1):
 centred on the current means so that the second moment is free of
 cancellation. They are computed here and only here, ``chunk`` weights at a
 time, so that nothing of size weights × components outlives a chunk.
+
+A weight the mixture cannot evaluate is left out of every sum and gets no
+gradient: NaN or ±Inf, or so far from every component that its log-joint is
+−inf for all of them (λ_j d² overflows float32, e.g. w = 1e20). One broken
+weight must not make the statistics, hence the mixture, NaN for good.
 """
 
 from __future__ import annotations
@@ -22,8 +27,16 @@ from jax import lax
 from softshare_jax.mixture._density import log_joint
 from softshare_jax.mixture._model import Mixture
 
-# Weights per chunk: memory O(DEFAULT_CHUNK × K) per leaf, whatever its size.
+# Weights per chunk at most (small mixtures), and the budget of chunk × K
+# elements per chunk: the temporaries of one chunk are a few (chunk, K) float32
+# arrays, so memory stays O(CHUNK_BUDGET) whatever the weights and K.
 DEFAULT_CHUNK = 2**16
+CHUNK_BUDGET = 2**22
+
+
+def default_chunk(num_components: int) -> int:
+  """Weights per chunk for a K-component mixture: 2**16, fewer when K > 64 (chunk × K ≤ 2**22)."""
+  return max(1, min(DEFAULT_CHUNK, CHUNK_BUDGET // max(1, int(num_components))))
 
 
 class Statistics(NamedTuple):
@@ -57,27 +70,46 @@ def weight_pass(m: Mixture, w: jax.Array, valid: jax.Array | None = None) -> tup
   """One pass of responsibilities: the weights' gradient and the statistics.
 
   Returns ``∂/∂w_i [−log p(w_i)] = Σ_j r_ij λ_j d_ij`` (shape of ``w``) and
-  the :class:`Statistics` of the weights where ``valid`` (all when None).
+  the :class:`Statistics` of the usable weights among those where ``valid``
+  (all when None). A weight is unusable when it is NaN or ±Inf or its
+  log-joint is −inf for every component; its gradient is 0 and it is not
+  counted. A NaN mixture is not hidden this way: its NaN reaches the output.
   """
-  r = jax.nn.softmax(log_joint(m, w), axis=-1)
+  w = jnp.asarray(w, jnp.float32)
+  finite = jnp.isfinite(w)
+  # The log-joint of a NaN/Inf weight is taken at 0 instead, so that no NaN
+  # enters the sums even at responsibility 0 (0 · NaN is NaN).
+  w = jnp.where(finite, w, 0.0)
+  lj = log_joint(m, w)
+  top = jnp.max(lj, axis=-1)
+  # ``!= -inf`` rather than ``> -inf``: a NaN log-joint (a NaN mixture) stays
+  # "usable", so that the NaN shows in the updates instead of silencing the prior.
+  ok = finite & (top != -jnp.inf)
   if valid is not None:
-    r = jnp.where(valid[..., None], r, 0.0)
-  d = jnp.asarray(w, jnp.float32)[..., None] - m.means
+    ok = ok & valid
+  # The softmax of jax.nn.softmax, with the normalizer of unusable rows set to
+  # inf: their responsibilities are exactly 0 without a select over (n, K).
+  e = jnp.exp(lj - jnp.where(ok, top, 0.0)[..., None])
+  r = e / jnp.where(ok, jnp.sum(e, axis=-1), jnp.inf)[..., None]
+  d = w[..., None] - m.means
   rd = r * d
   grad_w = jnp.sum(rd * m.precisions, axis=-1)
   axes = tuple(range(r.ndim - 1))
-  count = jnp.asarray(w.size if valid is None else jnp.sum(valid), jnp.float32)
+  count = jnp.sum(ok, dtype=jnp.float32)
   return grad_w, Statistics(count, jnp.sum(r, axis=axes), jnp.sum(rd, axis=axes), jnp.sum(rd * d, axis=axes))
 
 
-def leaf_pass(m: Mixture, w: jax.Array, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, Statistics]:
+def leaf_pass(m: Mixture, w: jax.Array, chunk: int | None = None) -> tuple[jax.Array, Statistics]:
   """:func:`weight_pass` on one leaf, ``chunk`` weights at a time when it is larger.
 
-  The leaf is flattened and padded to whole chunks; padding is masked out of
-  the statistics and cut from the gradient.
+  ``chunk`` defaults to :func:`default_chunk` of the mixture's K. The leaf is
+  flattened and padded to whole chunks; padding is masked out of the
+  statistics and cut from the gradient.
   """
   w = jnp.asarray(w, jnp.float32)
   n = int(w.size)
+  if chunk is None:
+    chunk = default_chunk(m.num_components)
   if n <= chunk:
     return weight_pass(m, w)
   pad = (-n) % chunk
@@ -92,8 +124,8 @@ def leaf_pass(m: Mixture, w: jax.Array, chunk: int = DEFAULT_CHUNK) -> tuple[jax
   return grads.reshape(-1)[:n].reshape(w.shape), stats
 
 
-def statistics(m: Mixture, w: jax.Array, chunk: int = DEFAULT_CHUNK) -> Statistics:
-  """The :class:`Statistics` of a flat weight vector, evaluated in chunks."""
+def statistics(m: Mixture, w: jax.Array, chunk: int | None = None) -> Statistics:
+  """The :class:`Statistics` of a flat weight vector, evaluated in chunks (see :func:`leaf_pass`)."""
   return leaf_pass(m, w, chunk)[1]
 
 
