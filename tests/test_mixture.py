@@ -545,7 +545,7 @@ def test_kmeanspp_init_ignores_non_finite_weights():
 
 
 def test_init_with_no_finite_weight():
-  with pytest.raises(ValueError, match="weights has no finite value"):
+  with pytest.raises(ValueError, match="weights has no usable value"):
     ss.init_mixture(jnp.array([jnp.nan, jnp.inf]), 2)
 
 

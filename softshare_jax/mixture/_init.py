@@ -14,7 +14,9 @@ from softshare_jax._checks import check_open_unit
 from softshare_jax._checks import is_traced
 from softshare_jax._checks import require_key
 from softshare_jax.mixture._model import flat_weights
+from softshare_jax.mixture._model import MAX_WEIGHT
 from softshare_jax.mixture._model import Mixture
+from softshare_jax.mixture._model import usable
 
 INITS = ("range", "quantile", "kmeans++")
 _KMEANS_ITERATIONS = 10
@@ -138,8 +140,9 @@ def initial_mixture(weights: Any, f: int, *, zero_component: bool, zero_weight: 
                     name: str) -> Mixture:
   """:func:`init_mixture` after its argument checks; ``name`` is the weights' name in errors."""
   w = flat_weights(weights, name)
-  if not is_traced(w) and not bool(jnp.any(jnp.isfinite(w))):
-    raise ValueError(f"{name} has no finite value (all {w.size} are NaN or Inf): cannot start a mixture from it.")
+  if not is_traced(w) and not bool(jnp.any(usable(w))):
+    raise ValueError(f"{name} has no usable value (all {w.size} are NaN, Inf or above {MAX_WEIGHT:g} in "
+                     "magnitude): cannot start a mixture from it.")
   return _init(w, jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component), init)
 
 
@@ -154,8 +157,8 @@ def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _init(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
-  # NaN stands for every non-finite weight, so that the nan-reductions skip them.
-  finite = jnp.isfinite(w)
+  # NaN stands for every unusable weight, so that the nan-reductions skip them.
+  finite = usable(w)
   w = jnp.where(finite, w, jnp.nan)
   lo, hi = jnp.nanmin(w), jnp.nanmax(w)
   spread = jnp.nanstd(w)

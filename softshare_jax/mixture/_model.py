@@ -23,6 +23,15 @@ import numpy as np
 MAX_LOG_PRECISION = 60.0
 # The floor of probabilities and counts before a log: keeps log finite.
 TINY = 1e-30
+# The largest |w| the mixture learns from. Beyond it, float32 sums of r·(w − μ)²
+# over ~1e8 weights overflow; no trained network holds such weights, so they
+# are treated like NaN/Inf (left out, documented in mixture_prior).
+MAX_WEIGHT = 1e12
+
+
+def usable(w: jax.Array) -> jax.Array:
+  """Where ``w`` is finite and at most :data:`MAX_WEIGHT` in magnitude."""
+  return jnp.isfinite(w) & (jnp.abs(w) <= MAX_WEIGHT)
 
 
 @functools.partial(

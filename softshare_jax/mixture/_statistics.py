@@ -26,6 +26,7 @@ from jax import lax
 
 from softshare_jax.mixture._density import log_joint
 from softshare_jax.mixture._model import Mixture
+from softshare_jax.mixture._model import usable
 
 # Weights per chunk at most (small mixtures), and the budget of chunk × K
 # elements per chunk: the temporaries of one chunk are a few (chunk, K) float32
@@ -71,12 +72,13 @@ def weight_pass(m: Mixture, w: jax.Array, valid: jax.Array | None = None) -> tup
 
   Returns ``∂/∂w_i [−log p(w_i)] = Σ_j r_ij λ_j d_ij`` (shape of ``w``) and
   the :class:`Statistics` of the usable weights among those where ``valid``
-  (all when None). A weight is unusable when it is NaN or ±Inf or its
+  (all when None). A weight is unusable when it is NaN, ±Inf or above
+  ``MAX_WEIGHT`` (1e12) in magnitude, or its
   log-joint is −inf for every component; its gradient is 0 and it is not
   counted. A NaN mixture is not hidden this way: its NaN reaches the output.
   """
   w = jnp.asarray(w, jnp.float32)
-  finite = jnp.isfinite(w)
+  finite = usable(w)
   # The log-joint of a NaN/Inf weight is taken at 0 instead, so that no NaN
   # enters the sums even at responsibility 0 (0 · NaN is NaN).
   w = jnp.where(finite, w, 0.0)
