@@ -3,6 +3,9 @@
 A mask is what ``optax.masked`` takes: a pytree of bools with the structure of
 the params or a prefix of it (a bool then covers a whole subtree; a plain
 ``True`` covers everything), or a callable ``params -> such a pytree``.
+
+Key paths: a leaf's canonical path (:func:`canonical_path`) is its keys' names
+joined by "/", less the trailing ``value`` of a Flax NNX Variable.
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ def is_kernel_leaf(leaf: Any) -> bool:
   return is_float_leaf(leaf) and len(getattr(leaf, "shape", ())) >= 2
 
 
+# The attribute a Flax NNX Variable flattens through ("raw_value" in older Flax).
+# An ``nnx.State`` names a kernel "conv/kernel/value", ``nnx.to_pure_dict`` of it
+# and the updates ``nnx.Optimizer`` hands a transform "conv/kernel": a canonical
+# path drops that key, so all three name the leaf the same way.
+NNX_VALUE_KEYS = ("value", "raw_value")
+
+
 def _key_name(key: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
@@ -97,11 +107,57 @@ def _key_name(key: Any) -> str:
 
 
 def path_str(path: tuple) -> str:
-  """A key path as its keys joined by "/" (``"Dense_0/kernel"``, ``"layers/0/w"``)."""
+  """A key path as its keys joined by "/" (``"Dense_0/kernel"``, ``"layers/0/w"``), every key kept."""
   return "/".join(_key_name(k) for k in path)
 
 
-def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-  """``(path_str, leaf)`` for every leaf of ``tree``."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(path_str(p), leaf) for p, leaf in flat]
+def key_names(path: tuple) -> tuple[str, ...]:
+  """A leaf's canonical key names: its keys' names, less a trailing NNX ``value``.
+
+  Only an attribute key (``jax.tree_util.GetAttrKey``) named ``value`` or
+  ``raw_value`` at the end of the path is dropped, the attribute a Flax NNX
+  Variable holds its array in; a dict key ``"value"`` is a name like any other.
+
+  Example:
+    >>> from jax.tree_util import DictKey, GetAttrKey
+    >>> from softshare_jax import masks
+    >>> masks.key_names((DictKey("conv"), DictKey("kernel"), GetAttrKey("value")))
+    ('conv', 'kernel')
+    >>> masks.key_names((DictKey("conv"), DictKey("value")))
+    ('conv', 'value')
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in NNX_VALUE_KEYS:
+    path = path[:-1]
+  return tuple(_key_name(k) for k in path)
+
+
+def canonical_path(path: tuple) -> str:
+  """A leaf's canonical path: :func:`key_names` joined by "/" (``"conv/kernel"``).
+
+  Every tool that names or matches leaves by path uses it (quantized trees,
+  files, ``keep_clusters``), so a leaf of an ``nnx.State``, of
+  ``nnx.to_pure_dict(state)`` and of the updates ``nnx.Optimizer`` passes has
+  one name, the name it would have in a plain dict.
+  """
+  return "/".join(key_names(path))
+
+
+def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+  """``(canonical_path, leaf)`` for every leaf of ``tree``, in ``jax.tree`` order.
+
+  Args:
+    tree: any pytree: nested dicts, a Flax Linen tree, an ``nnx.State`` (with
+      its Variables, or pure).
+    is_leaf: as ``jax.tree_util.tree_flatten``'s.
+
+  Example:
+    >>> from flax import nnx
+    >>> from softshare_jax import masks
+    >>> state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    >>> [p for p, _ in masks.leaves_with_paths(state)]
+    ['bias', 'kernel']
+    >>> [p for p, _ in masks.leaves_with_paths(nnx.to_pure_dict(state))]
+    ['bias', 'kernel']
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return [(canonical_path(p), leaf) for p, leaf in flat]

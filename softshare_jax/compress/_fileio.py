@@ -73,11 +73,13 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
   quantized leaf i, ``"<i>/value"`` for a kept leaf (bfloat16, float8 and
   complex64 travel as the unsigned int of their width). The safetensors
   metadata holds one JSON document under ``"softshare_jax"``: the format and
-  version (2), each leaf's path, kind, shape, dtype, index bits and hash seed,
-  and ``"sha256"``: a SHA-256 over the canonical JSON of the rest of that
-  document (sorted keys, no spaces) followed by each tensor, by name, as the
-  canonical JSON of ``[name, safetensors dtype, shape]`` and its bytes, every
-  part preceded by its length as 8 little-endian bytes.
+  version (2), each leaf's path (its key names, less an NNX Variable's
+  trailing ``value``: :func:`softshare_jax.masks.key_names`), kind, shape,
+  dtype, index bits and hash seed, and ``"sha256"``: a SHA-256 over the
+  canonical JSON of the rest of that document (sorted keys, no spaces)
+  followed by each tensor, by name, as the canonical JSON of ``[name,
+  safetensors dtype, shape]`` and its bytes, every part preceded by its
+  length as 8 little-endian bytes.
 
   The file is written as :func:`softshare_jax._files.atomic_path` describes: a
   temporary ``.<name>.softshare-tmp-*`` beside it, then a rename; through a
@@ -102,7 +104,7 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
   flat, _ = jax.tree_util.tree_flatten_with_path(quantized.tree, is_leaf=is_qleaf)
   tensors, entries = {}, []
   for i, (keys, leaf) in enumerate(flat):
-    names = [masks.path_str((k,)) for k in keys]
+    names = list(masks.key_names(keys))  # canonical: an nnx.State's "value" is not stored
     where = "/".join(names)
     if is_qleaf(leaf):
       book = np.asarray(jax.device_get(leaf.codebook), np.float32).reshape(-1)
@@ -216,8 +218,11 @@ def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
   The tree comes back as nested dicts keyed by the path's key names; pass
   ``like`` (the original params, or a :class:`Quantized`) to get its
   structure instead (Flax ``FrozenDict``, ``nnx.State``, lists...): its
-  leaves' paths must match the file's. A kept 64-bit leaf comes back as a
-  NumPy array when ``jax_enable_x64`` is off, not truncated to 32 bits.
+  leaves' canonical paths must be the file's, in order. Paths are canonical
+  (an NNX Variable's trailing ``value`` left out), so a file saved from an
+  ``nnx.State`` loads with ``like=`` a plain dict and the reverse. A kept
+  64-bit leaf comes back as a NumPy array when ``jax_enable_x64`` is off, not
+  truncated to 32 bits.
 
   Example: see :func:`save_quantized`.
   """
@@ -233,8 +238,10 @@ def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
   if like is not None:
     template = like.tree if isinstance(like, Quantized) else like
     flat, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=is_qleaf)
-    want = [[masks.path_str((k,)) for k in keys] for keys, _ in flat]
-    if want != paths:
+    want = [list(masks.key_names(keys)) for keys, _ in flat]
+    # Files written before paths were canonical kept an nnx.State's "value": they match too.
+    full = [[masks.path_str((k,)) for k in keys] for keys, _ in flat]
+    if len(want) != len(paths) or any(p not in (w, f) for p, w, f in zip(paths, want, full)):
       raise ValueError(f"like: its leaves' paths {['/'.join(p) for p in want]} differ from the file's "
                        f"{['/'.join(p) for p in paths]}.")
     return Quantized(jax.tree_util.tree_unflatten(treedef, leaves))

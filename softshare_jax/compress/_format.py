@@ -92,9 +92,13 @@ class Quantized:
   tree: Any
 
   def leaves_with_paths(self) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs, a :class:`QuantizedLeaf` counted as one leaf."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(self.tree, is_leaf=is_qleaf)
-    return [(masks.path_str(p), leaf) for p, leaf in flat]
+    """``(path, leaf)`` pairs, a :class:`QuantizedLeaf` counted as one leaf.
+
+    Paths are canonical (:func:`softshare_jax.masks.canonical_path`): a tree
+    quantized from an ``nnx.State`` names its leaves as one quantized from
+    ``nnx.to_pure_dict(state)`` does (``"conv/kernel"``, no ``"value"``).
+    """
+    return masks.leaves_with_paths(self.tree, is_leaf=is_qleaf)
 
 
 def check_quantized(quantized: Any) -> Quantized:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +15,6 @@ from softshare_jax import masks
 from softshare_jax._sharding import like
 from softshare_jax.compress._format import check_quantized
 from softshare_jax.compress._format import is_qleaf
-from softshare_jax.compress._format import is_qleaf_or_none
 from softshare_jax.compress._format import Quantized
 
 _REDUCTIONS = ("mean", "sum")
@@ -24,9 +24,11 @@ class KeepClustersState(NamedTuple):
   """State of :func:`keep_clusters`.
 
   Attributes:
-    clusters: the quantized leaves (codebooks and packed indices), None elsewhere.
-    scales: per quantized leaf, ``(K,)`` factors applied to each cluster's summed
-      update: 1/|c| ("mean") or 1 ("sum"), and 0 for the zero cluster.
+    clusters: a dict from canonical path (``"conv/kernel"``) to the quantized
+      leaf (codebook and packed indices), for the quantized leaves only.
+    scales: a dict from the same paths to ``(K,)`` factors applied to each
+      cluster's summed update: 1/|c| ("mean") or 1 ("sum"), and 0 for the zero
+      cluster.
   """
 
   clusters: Any
@@ -73,25 +75,36 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
   """
   check_quantized(quantized)
   _checks.check_choice("reduce", reduce, _REDUCTIONS)
-  clusters = jax.tree.map(lambda x: x if is_qleaf(x) else None, quantized.tree, is_leaf=is_qleaf)
+  # Keyed by path, not in the quantized tree's structure: a tree quantized from an
+  # nnx.State holds its leaves in Variables, which nnx.Optimizer rewrites between
+  # steps (a QuantizedLeaf inside one comes back as a State of its arrays).
+  clusters = {path: leaf for path, leaf in quantized.leaves_with_paths() if is_qleaf(leaf)}
   known = [path for path, _ in quantized.leaves_with_paths()]
+  if len(set(known)) != len(known):
+    twice = next(p for p in known if known.count(p) > 1)
+    raise ValueError(f"quantized: two of its leaves have the path {twice!r} (keys joined by '/'); "
+                     "keep_clusters matches leaves by path.")
 
   def by_path(state):
     """path -> (quantized leaf, scales) for the quantized leaves held in ``state``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(state.clusters, is_leaf=is_qleaf_or_none)
-    scales = jax.tree.leaves(state.scales, is_leaf=lambda x: x is None)
-    return {masks.path_str(p): (q, f) for (p, q), f in zip(flat, scales) if q is not None}
+    held = dict(state.clusters.items()) if isinstance(state.clusters, Mapping) else None
+    if held is None or sorted(held) != sorted(clusters) or not all(map(is_qleaf, held.values())):
+      raise ValueError("keep_clusters: its state must hold the quantized leaves it was made with, by path "
+                       f"({sorted(clusters)}); got {type(state.clusters).__name__} {state.clusters!r:.200}.")
+    return {path: (q, state.scales[path]) for path, q in held.items()}
 
   def matched(tree, quantized_leaves, what):
     """The tree's leaves and, for those that were quantized, ``(index, entry)``.
 
-    Leaves are matched by path, so the transform also works on a part of the
-    tree (inside ``optax.masked`` or ``optax.partition``).
+    Leaves are matched by canonical path, so the transform also works on a
+    part of the tree (inside ``optax.masked`` or ``optax.partition``), and
+    ``nnx.Optimizer``'s pure updates ("conv/kernel") match a tree quantized
+    from an ``nnx.State`` ("conv/kernel/value").
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
     hits = []
     for i, (keys, leaf) in enumerate(flat):
-      path = masks.path_str(keys)
+      path = masks.canonical_path(keys)
       if path not in known:
         raise ValueError(f"keep_clusters: the {what} have a leaf {path!r} that the quantized tree lacks "
                          f"(its leaves: {known}); build the params with ss.dequantize(quantized).")
@@ -105,8 +118,6 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
     return [leaf for _, leaf in flat], treedef, hits
 
   def scale(q):
-    if q is None:
-      return None
     k = q.codebook.shape[0]
     factor = jnp.ones((k,), jnp.float32)
     if reduce == "mean":
@@ -114,7 +125,7 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
     return jnp.where(jnp.asarray(q.codebook) == 0, 0.0, factor)
 
   def init_fn(params):
-    state = KeepClustersState(clusters, jax.tree.map(scale, clusters, is_leaf=is_qleaf_or_none))
+    state = KeepClustersState(clusters, {path: scale(q) for path, q in clusters.items()})
     matched(params, by_path(state), "params")
     return state
 
