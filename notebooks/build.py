@@ -1,6 +1,6 @@
 """Generates the example notebooks (.ipynb) from their jupytext sources (.py) and executes them in place.
 
-    .venv/bin/python notebooks/build.py                     # all four notebooks
+    .venv/bin/python notebooks/build.py                     # all the notebooks
     .venv/bin/python notebooks/build.py 02_compression.py   # only the ones named
 
 The ``NN_*.py`` files (jupytext percent format) are the source of truth; the .ipynb files are committed

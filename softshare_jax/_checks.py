@@ -27,8 +27,10 @@ def check_nonnegative(name: str, value: Any) -> None:
   if callable(value) or is_traced(value):
     return
   arr = np.asarray(value)
-  if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+  # jnp.issubdtype knows bfloat16 (an injected hyperparameter in bf16 params' dtype).
+  if arr.dtype == object or not jnp.issubdtype(arr.dtype, jnp.number):
     raise ValueError(f"{name} must be a number or a schedule, got {value!r}.")
+  arr = arr.astype(np.float64)
   if not np.all(np.isfinite(arr)) or np.any(arr < 0):
     raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 

@@ -32,7 +32,8 @@ def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
   out = []
   for a in axes:
-    if not isinstance(a, (int, np.integer)) or not -ndim <= a < max(ndim, 1):
+    # A scalar has no axis to name: only None or () group it.
+    if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
       raise ValueError(f"axis {axis!r} is out of range for an array of rank {ndim}.")
     out.append(int(a) % ndim)
   if len(set(out)) != len(out):
@@ -41,12 +42,17 @@ def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
 
 
 def to_rows(x: jax.Array, axis: Axis) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-  """Reshapes ``x`` to ``(groups, d)``; returns the rows and the inverse map."""
+  """Reshapes ``x`` to ``(groups, d)``; returns the rows and the inverse map.
+
+  Either size may be 0 (an empty leaf, or a group over an axis of length 0).
+  """
   axes = group_axes(x.ndim, axis)
   rest = tuple(a for a in range(x.ndim) if a not in axes)
   moved = jnp.transpose(x, rest + axes)
   d = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-  rows = moved.reshape(-1, d)
+  # Both sizes spelled out: reshape(-1, 0) cannot infer the rows of an empty group.
+  groups = int(np.prod([x.shape[a] for a in rest], dtype=np.int64))
+  rows = moved.reshape(groups, d)
   inverse_perm = tuple(int(i) for i in np.argsort(rest + axes))
 
   def back(r):

@@ -1,7 +1,7 @@
 """Kernels for the proximal map of the weight-sharing regularizer.
 
-Every kernel here solves, for each row ``x`` of a ``(rows, d)`` float32 array
-and a per-row step ``t``,
+Every kernel here solves, for each row ``x`` of a ``(rows, d)`` float32 (or
+float64) array and a per-row step ``t``,
 
     prox(x) = argmin_w ½‖w − x‖² + t/(d−1) Σ_{i>j} |w_i − w_j|
 
@@ -9,20 +9,37 @@ by sorting ``x`` (``z`` ascending), fitting a non-decreasing sequence to
 ``v_k = z_k − a (2k − d − 1)`` with ``a = t/(d−1)`` (k is 1-indexed), and
 undoing the sort. The fitted blocks are the shared weights.
 
-Two kernels, one contract:
+Every kernel keeps one contract, row by row, whatever the other rows hold:
+
+* ``t`` NaN or negative (possible only for a traced strength): the row is NaN.
+* ``t == 0``, or ``d == 1``: the row itself, bit for bit.
+* a NaN or an infinity in the row: the row is NaN (the prox of a non-finite
+  point is undefined: every candidate is infinitely far from it).
+* ``t >= max − min`` of the row (the device kernel: a hair above): the row's
+  mean in every entry, or the row itself when all its entries are equal. The
+  whole group is one cluster from ``t = (max − min)(d − 1)/d`` on
+  (docs/design.md §4.2), so the mean is the exact answer, and it is computed
+  without the ramp: no strength, however large (``inf`` included), loses the
+  data to it.
+* otherwise the fit above, where the ramp (at most ``t``) is no larger than
+  the spread of the data.
+
+Two kernels:
 
 * :func:`prox_rows_device` is pure JAX (jit, vmap, any backend). Segment sums
   come from double-float (hi, lo) prefix sums of ``z``, so a block mean is
-  accurate to float32 rounding even at d = 1e7, and the ramp ``c`` enters in
-  closed form. The fit runs a few rounds of parallel pooling, which settles the
-  inputs seen in training (small steps, spread-out weights); if violations
-  remain, a divide-and-conquer pass (the bounded-depth algorithm of Shakerinava
-  et al. 2024: merge fitted halves by the bridge of their convex minorants) finishes in O(log³ d) parallel depth whatever
-  the input.
+  accurate to the rounding of the dtype even at d = 1e7, and the ramp ``c``
+  enters in closed form. The fit runs a few rounds of parallel pooling, which
+  settles the inputs seen in training (small steps, spread-out weights); if
+  violations remain, a divide-and-conquer pass (the bounded-depth algorithm of
+  Shakerinava et al. 2024: merge fitted halves by the bridge of their convex
+  minorants) finishes in O(log³ d) parallel depth whatever the input. It works
+  in the dtype of ``x`` (float64 when ``x`` is, under ``jax_enable_x64``).
 * :func:`prox_rows_host` runs on the host in float64: a small C kernel (radix
   sort, then linear-time pool adjacent violators) built at install time, or,
-  without a compiler, :func:`prox_rows_numpy` (a packed-key NumPy sort and
-  SciPy's pool-adjacent-violators, all rows in one call).
+  without a compiler, :func:`prox_rows_numpy` (a NumPy sort and SciPy's
+  pool-adjacent-violators). It takes float32 or float64 rows and returns their
+  dtype.
 
 The algorithms and the precision argument are written out in docs/design.md
 §4.2. The building blocks of the device kernel (:class:`Segments`,
@@ -121,15 +138,16 @@ class Segments:
     self.hi, self.lo = prefix_sums(z)
     self.a = a[:, None]
     self.d = z.shape[-1]
+    self.dtype = z.dtype
 
   def sum(self, i, j):
     zs = (_take(self.hi, j) - _take(self.hi, i)) + (_take(self.lo, j) - _take(self.lo, i))
-    n = (j - i).astype(jnp.float32)
+    n = (j - i).astype(self.dtype)
     # Σ_{k=i+1..j} (2k − d − 1) = (j − i)(i + j − d): the ramp needs no prefix sum.
-    return zs - self.a * n * (i + j - self.d).astype(jnp.float32)
+    return zs - self.a * n * (i + j - self.d).astype(self.dtype)
 
   def mean(self, i, j):
-    return self.sum(i, j) / jnp.maximum(j - i, 1).astype(jnp.float32)
+    return self.sum(i, j) / jnp.maximum(j - i, 1).astype(self.dtype)
 
 
 def _block_ends(starts_mask):
@@ -210,11 +228,11 @@ def _divide_and_conquer(seg, v):
       at_end = q >= end
       qc = jnp.minimum(q, d - 1)
       stq = jnp.where(at_end, end, _take(st, qc))
-      return seg.sum(st, stq) + jnp.where(at_end, 0.0, (q - stq).astype(jnp.float32) * _take(y, qc))
+      return seg.sum(st, stq) + jnp.where(at_end, 0.0, (q - stq).astype(v.dtype) * _take(y, qc))
 
     def slope(q):
-      offset = (k - st).astype(jnp.float32) * y
-      return (height(q) - offset) / jnp.maximum(q - k, 1).astype(jnp.float32)
+      offset = (k - st).astype(v.dtype) * y
+      return (height(q) - offset) / jnp.maximum(q - k, 1).astype(v.dtype)
 
     def search(_, bounds):
       lo, hi = bounds
@@ -231,7 +249,7 @@ def _divide_and_conquer(seg, v):
           jnp.where(bridge, k, d).ravel(), (row_base + start).ravel(), rows * d
       )[(row_base + start).ravel()].reshape(v.shape)
       first = jnp.minimum(first, d - 1)
-      mean = height(q) / jnp.maximum(q - st, 1).astype(jnp.float32)
+      mean = height(q) / jnp.maximum(q - st, 1).astype(v.dtype)
       p_start, p_q, p_mean = _take(st, first), _take(q, first), _take(mean, first)
       merged = active & (first < mid) & (k >= p_start) & (k < end) & (st < p_q)
       return jnp.where(merged, p_mean, y), jnp.where(merged, p_start, st)
@@ -246,36 +264,76 @@ def _divide_and_conquer(seg, v):
 
 def ramp(d: int, a: jax.Array) -> jax.Array:
   """``(rows, d)`` c_k = a (2k − d − 1), k = 1..d: what the prox subtracts from the sorted row."""
-  k = jnp.arange(1, d + 1, dtype=jnp.float32)
+  k = jnp.arange(1, d + 1, dtype=a.dtype)
   return a[:, None] * (2.0 * k - (d + 1))
+
+
+def _fit(seg: Segments, v: jax.Array, rounds: int) -> jax.Array:
+  y, st = pool(seg, v, rounds)
+  done = ~jnp.any(violations(y, st))
+  return lax.cond(done, lambda: y, lambda: _divide_and_conquer(seg, v))
 
 
 def isotonic_fit_sorted(z: jax.Array, a: jax.Array, *, rounds: int = POOLING_ROUNDS) -> jax.Array:
   """Non-decreasing least-squares fit of ``z − a(2k − d − 1)`` per row.
 
   Args:
-    z: ``(rows, d)`` float32, each row sorted ascending.
-    a: ``(rows,)`` float32 ramp slope, ``t / (d − 1)``.
+    z: ``(rows, d)`` float32 (or float64), each row sorted ascending.
+    a: ``(rows,)`` ramp slope, ``t / (d − 1)``, in the dtype of ``z``.
     rounds: pooling rounds tried before the bounded-depth pass.
 
   Returns:
-    The fit, ``(rows, d)`` float32.
+    The fit, ``(rows, d)`` in the dtype of ``z``.
   """
-  seg = Segments(z, a)
-  v = z - ramp(z.shape[-1], a)
-  y, st = pool(seg, v, rounds)
-  done = ~jnp.any(violations(y, st))
-  return lax.cond(done, lambda: y, lambda: _divide_and_conquer(seg, v))
+  return _fit(Segments(z, a), z - ramp(z.shape[-1], a), rounds)
+
+
+# A row is one cluster from t = (max − min)(d − 1)/d on; the device kernel
+# tests t >= (max − min)(1 + 2⁻²⁰), a margin above the rounding of max − min
+# at every d, so that the mean is only taken where it is the exact answer.
+_COLLAPSE = 1.0 + 2.0**-20
 
 
 def prox_rows_device(x: jax.Array, t: jax.Array) -> jax.Array:
-  """Prox of ``t · R`` on every row of ``x`` (float32), in pure JAX."""
+  """Prox of ``t · R`` on every row of ``x``, in pure JAX, in the dtype of ``x``.
+
+  ``x`` is ``(rows, d)`` float32 or float64, ``t`` broadcasts to ``(rows,)``;
+  the row-by-row contract is the module's.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softshare_jax import isotonic
+    >>> x = jnp.array([[0.0, 0.05, 1.0], [1.0, jnp.nan, 2.0], [11, 12, 13]])
+    >>> isotonic.prox_rows_device(x, jnp.array([0.1, 0.1, 1e30]))
+    Array([[ 0.075,  0.075,  0.9  ],
+           [   nan,    nan,    nan],
+           [12.   , 12.   , 12.   ]], dtype=float32)
+  """
   rows, d = x.shape
+  t = jnp.broadcast_to(jnp.asarray(t).astype(x.dtype), (rows,))
+  valid = t >= 0  # False for NaN
+  keep = (t == 0)[:, None]
+  if x.size == 0:
+    return x
+  if d == 1:
+    return jnp.where(valid[:, None], x, jnp.nan)
+  finite = jnp.all(jnp.isfinite(x), axis=1)
+  # Non-finite rows are answered NaN below; zeros keep them out of the sums.
   iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  z, perm = lax.sort((x, iota), dimension=1, num_keys=1)
-  y = isotonic_fit_sorted(z, t / (d - 1))
+  z, perm = lax.sort((jnp.where(finite[:, None], x, 0), iota), dimension=1, num_keys=1)
+  spread = z[:, -1] - z[:, 0]
+  collapse = t >= spread * _COLLAPSE
+  # Rows answered without the fit run it with t = 0, which settles at once.
+  a = jnp.where(valid & ~collapse, t, 0) / (d - 1)
+  seg = Segments(z, a)
+  y = _fit(seg, z - ramp(d, a), POOLING_ROUNDS)
+  ends = (jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), d, jnp.int32))
+  # All-equal rows keep their values: d · z / d need not round back to z.
+  mean = jnp.where((spread == 0)[:, None], z, seg.mean(*ends))
+  y = jnp.where(collapse[:, None], mean, y)
   r = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.zeros_like(y).at[r, perm].set(y, unique_indices=True, indices_are_sorted=False)
+  out = jnp.zeros_like(y).at[r, perm].set(y, unique_indices=True, indices_are_sorted=False)
+  return jnp.where(keep, x, jnp.where((valid & finite)[:, None], out, jnp.nan))
 
 
 # ----------------------------------------------------------------------------
@@ -313,45 +371,87 @@ def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
   """Prox of ``t · R`` on every row of ``x`` on the host (float64 inside).
 
-  ``x`` is ``(..., d)`` float32 and ``t`` broadcasts to ``x.shape[:-1]``.
-  Uses the C kernel (radix sort + pool adjacent violators, one pass each)
-  when it was built, else :func:`prox_rows_numpy`.
+  ``x`` is ``(..., d)`` float32 or float64 (other dtypes are read as float32)
+  and ``t`` broadcasts to ``x.shape[:-1]``; the result has the dtype of ``x``
+  and the row-by-row contract of the module. Uses the C kernel (radix sort +
+  pool adjacent violators, one pass each) when it was built, else
+  :func:`prox_rows_numpy`.
+
+  Example:
+    >>> import numpy as np
+    >>> from softshare_jax import isotonic
+    >>> isotonic.prox_rows_host(np.array([[0.0, 0.05, 1.0], [1.0, np.inf, 2.0]]), 0.1)
+    array([[0.075, 0.075, 0.9  ],
+           [  nan,   nan,   nan]])
   """
   if host_kernel is None:
     return prox_rows_numpy(x, t)
-  x = np.ascontiguousarray(x, dtype=np.float32)
+  x = _host_array(x)
   t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape[:-1]))
   out = np.empty_like(x)
-  host_kernel.prox_rows(x, t, x.shape[-1], out)
+  if x.size:
+    host_kernel.prox_rows(x, t, x.shape[-1], out, x.dtype == np.float64)
   return out
+
+
+def _host_array(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x)
+  return np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
 
 
 def prox_rows_numpy(x: np.ndarray, t: np.ndarray) -> np.ndarray:
   """:func:`prox_rows_host` in NumPy/SciPy: the fallback without the C kernel.
 
-  All rows go through one call of SciPy's pool-adjacent-violators: row r is
-  lifted above the row before it, so rows never pool together.
+  Same contract, row by row. Each row that needs a fit gets its own call of
+  SciPy's pool-adjacent-violators (about 10 µs each): stacking rows into one
+  call would need lifting each above the last, which costs a row the bits of
+  every row below it.
+
+  Example:
+    >>> import numpy as np
+    >>> from softshare_jax import isotonic
+    >>> isotonic.prox_rows_numpy(np.array([[0.0, 0.05, 1.0], [1.0, np.nan, 2.0]]), 0.1)
+    array([[0.075, 0.075, 0.9  ],
+           [  nan,   nan,   nan]])
   """
-  x = np.asarray(x, dtype=np.float32)
+  x = _host_array(x)
   shape, d = x.shape, x.shape[-1]
-  rows = x.reshape(-1, d)
+  rows = x.reshape(math.prod(shape[:-1]), d)
   t = np.broadcast_to(np.asarray(t, dtype=np.float64), shape[:-1]).reshape(-1)
-  keys = _sort_keys(rows)
-  keys.sort(axis=-1)
-  z, perm = _decode(keys)
-  v = z.astype(np.float64)
-  v -= (t / (d - 1))[:, None] * np.arange(1 - d, d, 2, dtype=np.float64)
-  if rows.shape[0] > 1:
-    # Strict margins: PAVA pools only strict violations, the margin absorbs rounding.
-    margin = 1e-6 * float(np.abs(v).max()) + 1e-30
-    step = np.maximum(v.max(axis=-1)[:-1] - v.min(axis=-1)[1:], 0.0) + margin
-    lift = np.concatenate([[0.0], np.cumsum(step)])[:, None]
-    v += lift
-    fit = _sp_optimize.isotonic_regression(v.ravel()).x.reshape(v.shape)
-    fit -= lift
-    perm += (np.arange(rows.shape[0]) * d)[:, None]
-  else:
-    fit = _sp_optimize.isotonic_regression(v.ravel()).x
-  out = np.empty(rows.size, np.float32)
-  out[perm.ravel()] = fit.astype(np.float32).ravel()
+  out = np.full_like(rows, np.nan)
+  with np.errstate(invalid="ignore"):
+    valid = t >= 0
+  keep = (t == 0) | (valid & (d == 1))
+  out[keep] = rows[keep]
+  work = np.flatnonzero(valid & ~keep & np.isfinite(rows).all(axis=1))
+  if work.size == 0 or d == 0:
+    return out.reshape(shape)
+  z, perm = _sort_rows(rows[work])
+  spread = z[:, -1] - z[:, 0]
+  # One cluster once t >= (max − min)(d − 1)/d (docs/design.md §4.2).
+  collapse = t[work] >= spread
+  fit = np.repeat(z.mean(axis=1, keepdims=True), d, axis=1)
+  fit[spread == 0] = z[spread == 0]  # all-equal rows keep their values
+  todo = np.flatnonzero(~collapse)
+  if todo.size:
+    fit[todo] = _isotonic_rows(z[todo] - (t[work][todo] / (d - 1))[:, None] * np.arange(1 - d, d, 2))
+  unsorted = np.empty_like(fit)
+  np.put_along_axis(unsorted, perm, fit, axis=1)
+  out[work] = unsorted
   return out.reshape(shape)
+
+
+def _sort_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Each row sorted ascending, in float64, and the permutation that sorts it."""
+  if rows.dtype == np.float32:
+    keys = _sort_keys(rows)
+    keys.sort(axis=-1)
+    z, perm = _decode(keys)
+    return z.astype(np.float64), perm
+  perm = np.argsort(rows, axis=-1, kind="stable")
+  return np.take_along_axis(rows, perm, axis=-1), perm
+
+
+def _isotonic_rows(v: np.ndarray) -> np.ndarray:
+  """The non-decreasing fit of every row of ``v`` (finite float64), one row at a time."""
+  return np.stack([_sp_optimize.isotonic_regression(row).x for row in v])

@@ -34,6 +34,25 @@ def check_float(x: jax.Array) -> None:
     )
 
 
+def compute_dtype(dtype) -> np.dtype:
+  """The dtype the prox computes in: float32 for float32 and narrower, float64 for float64."""
+  return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def _scalar(name: str, value, dtype) -> jax.Array:
+  """``value`` as a scalar of ``dtype``; a concrete value beyond its range is clamped.
+
+  Clamping is exact: any strength above the spread of a group already gives
+  the group mean, and any l1 above the largest weight already gives zeros.
+  """
+  if not _checks.is_traced(value):
+    value = np.minimum(np.asarray(value, np.float64), np.finfo(dtype).max)
+  v = jnp.asarray(value).astype(dtype)
+  if v.ndim:
+    raise ValueError(f"{name} must be a scalar, got {value!r} (shape {v.shape}).")
+  return v
+
+
 # ----------------------------------------------------------------------------
 # The penalty.
 
@@ -74,7 +93,7 @@ def _host_fit(x: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def _fit_host(x: jax.Array, t: jax.Array) -> jax.Array:
-  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
   return jax.pure_callback(_host_fit, out, x, t, vmap_method="expand_dims")
 
 
@@ -83,7 +102,7 @@ _fit_device = jax.jit(isotonic.prox_rows_device)
 
 
 def _fit(x: jax.Array, t: jax.Array, method: str) -> jax.Array:
-  """prox of t·R on every row of x (float32), without the l1 term."""
+  """prox of t·R on every row of x (float32 or float64), without the l1 term."""
   t = jnp.broadcast_to(t, x.shape[:1])
   if method == "device":
     return _fit_device(x, t)
@@ -93,7 +112,8 @@ def _fit(x: jax.Array, t: jax.Array, method: str) -> jax.Array:
 
 
 def _soft_threshold(y: jax.Array, s: jax.Array) -> jax.Array:
-  return jnp.sign(y) * jnp.maximum(jnp.abs(y) - s, 0.0)
+  # A NaN or negative l1 (possible only traced) has no prox: NaN, not a push outwards.
+  return jnp.where(s >= 0, jnp.sign(y) * jnp.maximum(jnp.abs(y) - s, 0.0), jnp.nan)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -116,11 +136,11 @@ def _prox_rows_jvp(method, primals, tangents):
   new = jnp.concatenate([jnp.ones((rows, 1), bool), ys[:, 1:] != ys[:, :-1]], axis=1)
   ids = (jnp.cumsum(new, axis=1) - 1 + lax.broadcasted_iota(jnp.int32, x.shape, 0) * d).ravel()
   n_seg = rows * d
-  count = jax.ops.segment_sum(jnp.ones(n_seg, jnp.float32), ids, n_seg)[ids]
+  count = jax.ops.segment_sum(jnp.ones(n_seg, x.dtype), ids, n_seg)[ids]
   start = jax.ops.segment_min(k.ravel(), ids, n_seg)[ids]
   dz = jnp.take_along_axis(dx, perm, axis=1).ravel()
   mean_dz = jax.ops.segment_sum(dz, ids, n_seg)[ids] / count
-  ramp = (2 * start + count - d).astype(jnp.float32) / max(d - 1, 1)
+  ramp = (2 * start + count - d).astype(x.dtype) / max(d - 1, 1)
   dys = (mean_dz - dt * ramp).reshape(x.shape)
   dy = jnp.zeros_like(dys).at[lax.broadcasted_iota(jnp.int32, x.shape, 0), perm].set(dys, unique_indices=True)
   dout = jnp.where(jnp.abs(y) > s, dy - jnp.sign(y) * ds, 0.0)
@@ -143,14 +163,23 @@ def prox_weight_sharing(
   sequence to ``z − a(2k − d − 1)`` with ``a = strength/(d − 1)``, undo the
   sort, then soft-threshold by ``l1``. Weights whose fitted values meet form a
   cluster of exactly equal values. Each weight moves by at most ``strength``
-  (before the l1 step); a large strength gives the group mean.
+  (before the l1 step); a strength of at least the group's spread
+  (max − min) gives the group mean exactly, however large (so do strengths
+  beyond the float range); strength 0 returns ``x`` bit for bit.
+
+  Groups are independent: a group holding a NaN or an infinity comes back all
+  NaN (the prox of a non-finite point is undefined) and leaves the other groups
+  alone; a group of one weight has R = 0 and only gets the l1 step. A NaN or
+  negative strength or l1, possible only when traced, gives NaN. An empty ``x``
+  comes back as it is.
 
   Args:
-    x: a floating-point array; bf16/f16 are computed in float32 and returned in
-      their own dtype.
+    x: a floating-point array; bf16/f16 are computed in float32, float64 (under
+      ``jax_enable_x64``) in float64, and returned in their own dtype.
     strength: t >= 0, the weight of R.
     l1: s >= 0, the weight of the ℓ1 term.
-    axis: the axes that form one group (None: the whole array).
+    axis: the axes that form one group (None: the whole array; ``()``: every
+      weight its own group). A scalar ``x`` takes only None or ``()``.
     method: ``"device"`` (pure JAX: sort, parallel pooling, then a
       bounded-depth merge; any backend), ``"host"`` (NumPy/SciPy through a
       host callback, the fastest path on CPU), or ``"auto"`` (host on CPU,
@@ -173,15 +202,14 @@ def prox_weight_sharing(
   _checks.check_nonnegative("l1", l1)
   _checks.check_choice("method", method, METHODS)
   rows, back = to_rows(x, axis)
-  t = jnp.asarray(strength, jnp.float32)
-  s = jnp.asarray(l1, jnp.float32)
-  if t.ndim or s.ndim:
-    raise ValueError("strength and l1 must be scalars.")
+  dtype = compute_dtype(x.dtype)
+  t = _scalar("strength", strength, dtype)
+  s = _scalar("l1", l1, dtype)
   if rows.size == 0:
     return x
-  r32 = rows.astype(jnp.float32)
+  rows = rows.astype(dtype)
   if rows.shape[-1] == 1:
-    out = _soft_threshold(r32, s)
+    out = _soft_threshold(jnp.where(t >= 0, rows, jnp.nan), s)
   else:
-    out = _prox_rows(r32, t, s, method)
+    out = _prox_rows(rows, t, s, method)
   return back(out).astype(x.dtype)

@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import optax
 
 from softshare_jax import _checks
+from softshare_jax import _sharding
 from softshare_jax import masks
 from softshare_jax._groups import Axis
+from softshare_jax._groups import to_rows
+from softshare_jax.sharing import compute_dtype
 from softshare_jax.sharing import METHODS
 from softshare_jax.sharing import prox_weight_sharing
 
@@ -45,6 +48,20 @@ def weight_sharing_prox(
   LAST in the chain, after the optimizer has produced its final step (its
   ``learning_rate`` should be the optimizer's, so the prox step matches).
 
+  Precision: the prox runs in float32 for float32 and narrower params and in
+  float64 for float64 ones (under ``jax_enable_x64``); a step whose strength
+  and l1 are both 0 returns ``u`` itself, bit for bit. For float32 and float64
+  params the update is chosen so that ``optax.apply_updates`` lands exactly on
+  the prox, which keeps the weights of a cluster bit-identical: always when
+  every weight moves by less than half its magnitude, and otherwise wherever
+  each member's move stays below the top of its own binade. To get there, a
+  value smaller than its group's largest move ``B`` may shift by up to an ulp
+  of ``|value| + B``. A cluster with a member whose move reaches a coarser
+  float grid than its own (a small weight pulled across zero onto a larger
+  value, say) may come back split by about an ulp of that move, and
+  :func:`sharing_stats` counts the parts. bfloat16 and float16 params get the
+  rounded ``prox − w``, the update closest to the exact step.
+
   Args:
     strength: λ >= 0, float or schedule.
     learning_rate: η >= 0, float or optax schedule (the optimizer's).
@@ -56,6 +73,9 @@ def weight_sharing_prox(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+    Empty leaves pass through; a scalar leaf takes ``axis=None`` or ``()``
+    (mask it out otherwise). A group holding a NaN or an infinity, after the
+    step, comes back NaN (see :func:`prox_weight_sharing`).
     Under ``optax.inject_hyperparams`` (to change ``strength`` or
     ``learning_rate`` during training), mark an int ``axis`` static:
     ``optax.inject_hyperparams(ss.weight_sharing_prox, static_args=("axis",))``.
@@ -84,19 +104,73 @@ def weight_sharing_prox(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params("weight_sharing_prox", params)
-    lr = _checks.value_at(learning_rate, state.count)
-    t = _checks.value_at(strength, state.count) * lr
+    lr = _checks.check_schedule_value("learning_rate", _checks.value_at(learning_rate, state.count))
+    t = _checks.check_schedule_value("strength", _checks.value_at(strength, state.count)) * lr
     s = l1 * lr
     keep = masks.resolve_mask(mask, params, masks.is_float_leaf)
 
-    def step(u, p, on):
+    def step(path, u, p, on):
       if u is None or not on:
         return u
-      w = p.astype(jnp.float32) + u.astype(jnp.float32)
-      new = prox_weight_sharing(w, t, l1=s, axis=axis, method=method)
-      return (new - p.astype(jnp.float32)).astype(u.dtype)
+      if not (_checks.is_traced(t) or _checks.is_traced(s)) and t == 0 and s == 0:
+        return u  # the identity, bit for bit
+      dtype = compute_dtype(jnp.promote_types(p.dtype, u.dtype))
+      w = p.astype(dtype) + u.astype(dtype)
+      try:
+        new = prox_weight_sharing(w, t, l1=s, axis=axis, method=method)
+      except ValueError as e:
+        raise ValueError(f"weight_sharing_prox, leaf {masks.path_str(path)!r}: {e}") from None
+      out = _landing_update(p, new, u.dtype, axis)
+      out = jnp.where((jnp.asarray(t) == 0) & (jnp.asarray(s) == 0), u, out)
+      return _sharding.like(u, out)
 
-    updates = jax.tree.map(step, updates, params, keep, is_leaf=lambda u: u is None)
+    updates = jax.tree_util.tree_map_with_path(step, updates, params, keep, is_leaf=lambda u: u is None)
     return updates, WeightSharingProxState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _landing_update(p: jax.Array, new: jax.Array, dtype, axis: Axis) -> jax.Array:
+  """An update ``u`` of ``dtype`` with ``optax.apply_updates(p, u)`` on ``new``, where floats allow.
+
+  ``new`` is the prox in the compute dtype. Params narrower than float32 get
+  ``new − p``, the update closest to the exact step (their own rounding is
+  coarser than any landing error). float32 and float64 params should land on
+  ``new`` exactly, and ``new − p`` does whenever ``new`` and ``p`` are within a
+  factor of two of each other (Sterbenz). Beyond that, ``p + u`` reaches only
+  a grid of about an ulp of the move, offset by the last bits of ``p``, so the
+  weights of one cluster would round to different values. Every weight of a
+  group moves by at most ``B`` (the group's largest move). When ``B <= |c|``,
+  every member of a cluster at ``c`` is on its side of zero and below ``2c``,
+  and ``c − p`` lands (but for rounding ties). Otherwise every member lies
+  within ``|c| + B`` of 0 and its ulp divides ``G = ulp(|c| + B)``: aiming at
+  ``c`` rounded to a multiple of ``G`` (the same aim for every member: it
+  depends on ``c`` and ``B`` only) makes ``aim − p`` exact for all of them,
+  unless a member's move reaches a binade above its own and its last bit
+  disagrees. That moves a value by at most half an ulp of ``|c| + B``, an ulp
+  of the group's largest move; a weight that cannot land on its aim keeps
+  ``new − p``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> p = jnp.array([0.3, -0.05, 0.02])
+    >>> new = jnp.full(3, 0.0123457)
+    >>> p + (new - p) == new  # rounding splits the cluster
+    Array([False, False,  True], dtype=bool)
+    >>> u = _landing_update(p, new, jnp.float32, None)
+    >>> int(jnp.unique(p + u).size)
+    1
+  """
+  wide = new.dtype
+  plain = (new - p.astype(wide)).astype(dtype)
+  if jnp.finfo(p.dtype).bits < 32 or jnp.finfo(dtype).bits < 32 or p.size == 0:
+    return plain
+  target = new.astype(p.dtype)
+  moves, back = to_rows(jnp.abs(target - p).astype(wide), axis)
+  bound = back(jnp.broadcast_to(jnp.max(moves, axis=1, keepdims=True), moves.shape)).astype(p.dtype)
+  # Rounded up: a sum rounded down across a power of two would halve the grid.
+  grid = jnp.spacing(jnp.nextafter(jnp.abs(target) + bound, jnp.asarray(jnp.inf, p.dtype)))
+  aim = jnp.round(target / grid) * grid
+  aim = jnp.where(jnp.isfinite(aim) & (bound > jnp.abs(target)), aim, target)
+  u = (aim.astype(wide) - p.astype(wide)).astype(dtype)
+  return jnp.where((p + u).astype(p.dtype) == aim, u, plain)

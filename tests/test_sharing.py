@@ -465,3 +465,299 @@ def test_c_kernel_is_built_where_a_compiler_is():
   if not (shutil.which("cc") or shutil.which("gcc")):
     pytest.skip("no C compiler: the host method uses the NumPy fallback")
   assert isotonic.host_kernel is not None, "the C host kernel did not build: reinstall with `make clean test`"
+
+
+# ----------------------------------------------------------------------------
+# Reliability: large strengths, empty and scalar leaves, non-finite rows,
+# float64, exact clusters after optax.apply_updates.
+
+from softshare_jax import isotonic  # noqa: E402
+
+KERNELS = {
+    "host": isotonic.prox_rows_host,
+    "numpy": isotonic.prox_rows_numpy,
+    "device": lambda x, t: np.asarray(jax.jit(isotonic.prox_rows_device)(jnp.asarray(x), jnp.asarray(t, x.dtype))),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("t", [1e3, 1e16, 1e20, 1e38, np.inf])
+def test_kernels_give_the_exact_mean_for_any_large_strength(kernel, t):
+  # The mean 11.625 is a float32: every entry must be it, bit for bit. The
+  # second row sits far from 0 with a tiny spread: the ramp must not eat it.
+  x = np.array([[11, 12, 13, 10.5], [1000.0, 1000.125, 999.875, 1000.25]], np.float32)
+  got = KERNELS[kernel](x, np.full(2, t, np.float32 if kernel == "device" else np.float64))
+  np.testing.assert_array_equal(got, [[11.625] * 4, [1000.0625] * 4])
+
+
+@pytest.mark.parametrize("method", METHODS + ["auto"])
+@pytest.mark.parametrize("strength", [1e16, 1e20, 1e38, 1e39, 1e300])
+def test_prox_large_strength_is_the_group_mean(method, strength):
+  x = jnp.array([[11, 12, 13, 10.5], [-3.0, 5.0, 1.0, 1.5]])
+  got = np.asarray(ss.prox_weight_sharing(x, strength, axis=1, method=method))
+  np.testing.assert_array_equal(got, [[11.625] * 4, [1.125] * 4])
+  tx = ss.weight_sharing_prox(strength, 1.0, axis=1, method=method)
+  u, _ = tx.update(jnp.zeros_like(x), tx.init(x), x)
+  np.testing.assert_array_equal(np.asarray(optax.apply_updates(x, u)), [[11.625] * 4, [1.125] * 4])
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(x=vectors, method=st.sampled_from(METHODS))
+def test_strength_above_the_spread_collapses_exactly(x, method):
+  # From t = (max − min)(d − 1)/d on, the prox is the mean; at and above the
+  # spread every entry must be one float, within float32 rounding of the mean.
+  for k in (1.0, 1.5, 1e3, 1e12, 1e30):
+    t = k * (float(np.ptp(x)) + 1e-3)
+    y = np.asarray(ss.prox_weight_sharing(x, t, method=method))
+    assert np.unique(y).size == 1, k
+    np.testing.assert_allclose(y[0], x.astype(np.float64).mean(), rtol=0, atol=1e-6 * (np.abs(x).max() + 1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_strength_just_below_the_collapse_matches_the_reference(method):
+  # The shortcut must not fire early: at t = 0.9 (max − min)(d − 1)/d a
+  # two-point row is still two clusters.
+  x = np.array([0.0, 1.0], np.float32)
+  t = 0.9 * 1.0 * 1 / 2
+  np.testing.assert_allclose(np.asarray(ss.prox_weight_sharing(x, t, method=method)), reference_prox(x, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "shape,axis", [((0,), None), ((0,), 0), ((3, 0), 1), ((3, 0), 0), ((0, 4), 1), ((0, 4), None), ((2, 0, 3), (1, 2))]
+)
+def test_empty_in_empty_out(method, shape, axis):
+  x = jnp.zeros(shape, jnp.bfloat16)
+  got = ss.prox_weight_sharing(x, 0.1, l1=0.1, axis=axis, method=method)
+  assert got.shape == shape and got.dtype == x.dtype
+  assert float(ss.weight_sharing_penalty(x, axis=axis)) == 0.0
+
+
+@pytest.mark.parametrize("axis", [None, ()])
+def test_scalar_is_one_group_of_one(axis):
+  x = jnp.float32(2.0)
+  assert float(ss.prox_weight_sharing(x, 5.0, axis=axis)) == 2.0
+  assert float(ss.prox_weight_sharing(x, 5.0, l1=0.5, axis=axis)) == 1.5
+  assert float(ss.weight_sharing_penalty(x, axis=axis)) == 0.0
+
+
+@pytest.mark.parametrize("axis", [0, -1, (0,)])
+def test_scalar_with_an_axis_is_out_of_range(axis):
+  with pytest.raises(ValueError, match=r"axis .* out of range for an array of rank 0"):
+    ss.prox_weight_sharing(jnp.float32(2.0), 0.1, axis=axis)
+  with pytest.raises(ValueError, match=r"axis .* out of range for an array of rank 0"):
+    ss.weight_sharing_penalty(jnp.float32(2.0), axis=axis)
+
+
+def test_transform_on_a_tree_with_empty_and_scalar_leaves():
+  params = {"w": jnp.array([0.3, 0.31, -0.2, 0.9]), "e": jnp.zeros((0, 4)), "s": jnp.float32(2.0)}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = optax.chain(optax.sgd(0.1), ss.weight_sharing_prox(0.5, 0.1, l1=1.0))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert updates["e"].shape == (0, 4)
+  assert updates["s"] + params["s"] == np.float32(1.9)  # a group of one: only the l1 step
+  np.testing.assert_allclose(np.asarray(updates["w"]) + np.asarray(params["w"]),
+                             reference_prox(np.asarray(params["w"]), 0.05, 0.1), atol=1e-6)
+  # A per-column axis cannot apply to the scalar: the error names the leaf.
+  tx = ss.weight_sharing_prox(0.5, 0.1, axis=0)
+  with pytest.raises(ValueError, match=r"leaf 's'.*axis 0 is out of range"):
+    tx.update(grads, tx.init(params), params)
+
+
+def _rows_with_non_finite_values():
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(8, 6)).astype(np.float32)
+  x[1, 2] = np.nan
+  x[3, 0] = np.inf
+  x[4, 5] = -np.inf
+  x[6, 1] = 1e30  # finite: its own row is fitted, no other row may feel it
+  return x, np.array([0.3, 0.3, 0.5, 0.3, 0.3, 0.7, 0.3, 2.0])
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernels_keep_rows_independent_whatever_they_hold(kernel):
+  x, t = _rows_with_non_finite_values()
+  got = KERNELS[kernel](x, t)
+  bad = ~np.isfinite(x).all(axis=1)
+  assert np.isnan(got[bad]).all()  # NaN or Inf in: the whole row NaN
+  for r in np.flatnonzero(~bad):  # every other row as if it were alone
+    np.testing.assert_allclose(got[r], reference_prox(x[r], t[r]), rtol=1e-6, atol=tol(x[r], t[r]))
+  np.testing.assert_allclose(got[6, [0, 2, 3, 4, 5]], reference_prox(x[6], t[6])[[0, 2, 3, 4, 5]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernels_strength_zero_invalid_strength_and_one_column(kernel):
+  x, _ = _rows_with_non_finite_values()
+  same = KERNELS[kernel](x, np.zeros(8))
+  np.testing.assert_array_equal(same, x)  # t = 0: the row itself, NaN and Inf included
+  t = np.array([np.nan, -1.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+  got = KERNELS[kernel](x, t)
+  assert np.isnan(got[:2]).all() and np.isfinite(got[[2, 5, 6, 7]]).all()
+  col = KERNELS[kernel](x[:, :1], np.full(8, 0.3))
+  np.testing.assert_array_equal(col, x[:, :1])  # d = 1: R = 0, the identity
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(
+    x=hnp.arrays(np.float32, (4, 7), elements=st.floats(-10, 10, width=32)),
+    holes=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6), st.sampled_from([np.nan, np.inf, -np.inf, 1e30])),
+                   max_size=3),
+    t=st.floats(0.01, 5),
+)
+def test_the_three_kernels_agree_on_rows_with_non_finite_values(x, holes, t):
+  x = x.copy()
+  for r, c, v in holes:
+    x[r, c] = v
+  out = {k: f(x, np.full(4, t)) for k, f in KERNELS.items()}
+  for r in range(4):
+    if not np.isfinite(x[r]).all():
+      for k in out:
+        assert np.isnan(out[k][r]).all(), k
+      continue
+    want = reference_prox(x[r], t)
+    for k in out:
+      np.testing.assert_allclose(out[k][r], want, rtol=0, atol=tol(x[r], t), err_msg=k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prox_nan_group_is_nan_other_groups_untouched(method):
+  x = np.random.default_rng(12).normal(size=(5, 3)).astype(np.float32)
+  x[2, 1] = np.nan
+  got = np.asarray(ss.prox_weight_sharing(x, 0.4, axis=0, method=method))
+  assert np.isnan(got[:, 1]).all()
+  for j in (0, 2):
+    np.testing.assert_allclose(got[:, j], reference_prox(x[:, j], 0.4), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_traced_nan_or_negative_strength_gives_nan_not_a_wrong_answer(method):
+  x = jnp.array([0.0, 0.05, 1.0])
+  f = jax.jit(lambda t, s: ss.prox_weight_sharing(x, t, l1=s, method=method))
+  for t, s in [(jnp.nan, 0.0), (-0.1, 0.0), (0.1, jnp.nan), (0.1, -0.1)]:
+    assert np.isnan(np.asarray(f(t, s))).all(), (t, s)
+  g = jax.jit(lambda t: ss.prox_weight_sharing(jnp.ones((3, 1)), t, axis=1, method=method))
+  assert np.isnan(np.asarray(g(-1.0))).all()
+
+
+# float64 (x64 switched on only inside these tests).
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_prox_is_computed_in_float64(method):
+  rng = np.random.default_rng(13)
+  x = 1.0 + rng.normal(size=40) * 1e-9  # spacings far below float32's ulp of 1
+  t = 3e-9
+  with jax.enable_x64(True):
+    got = ss.prox_weight_sharing(jnp.asarray(x, jnp.float64), t, method=method)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), reference_prox(x, t), rtol=0, atol=1e-15)
+    big = ss.prox_weight_sharing(jnp.asarray(x, jnp.float64), 1e30, method=method)
+    np.testing.assert_allclose(np.asarray(big), np.full(40, x.mean()), rtol=0, atol=1e-15)
+    same = ss.prox_weight_sharing(jnp.full(40, 0.22876222127045265, jnp.float64), 1.0, method=method)
+    np.testing.assert_array_equal(np.asarray(same), np.full(40, 0.22876222127045265))  # 40 v / 40 != v
+  assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("kernel", ["host", "numpy"])
+def test_host_kernels_take_float64_rows(kernel):
+  rng = np.random.default_rng(14)
+  x = 1.0 + rng.normal(size=(4, 50)) * 1e-9
+  x[3] = 0.8444218515250481  # all equal: kept bit for bit (50 · v / 50 does not round back)
+  got = KERNELS[kernel](x, np.array([0.0, 2e-9, 1.0, 5.0]))
+  assert got.dtype == np.float64
+  np.testing.assert_array_equal(got[0], x[0])
+  np.testing.assert_allclose(got[1], reference_prox(x[1], 2e-9), rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got[2], np.full(50, x[2].mean()), rtol=0, atol=1e-15)
+  np.testing.assert_array_equal(got[3], x[3])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_training_does_not_stall(method):
+  # An update of 1e-10 on a weight of 1.0 must survive the prox step.
+  with jax.enable_x64(True):
+    params = {"w": jnp.array([1.0, 2.0, 3.0, 5.0], jnp.float64)}
+    grads = {"w": jnp.full(4, -1e-10, jnp.float64)}
+    for strength in (0.0, 1e-12):
+      tx = optax.chain(optax.sgd(1.0), ss.weight_sharing_prox(strength, 1.0, method=method))
+      updates, _ = tx.update(grads, tx.init(params), params)
+      assert updates["w"].dtype == jnp.float64
+      new = np.asarray(optax.apply_updates(params, updates)["w"])
+      want = reference_prox(np.array([1.0, 2.0, 3.0, 5.0]) + 1e-10, strength)
+      np.testing.assert_allclose(new, want, rtol=0, atol=1e-15)
+  assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_strength_zero_is_the_identity_on_the_update(dtype, traced):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(15)
+    params = {"w": jnp.asarray(1.0 + rng.normal(size=(6, 5)), dtype)}
+    updates = {"w": jnp.asarray(rng.normal(size=(6, 5)) * 1e-4, dtype)}
+    make = lambda strength: ss.weight_sharing_prox(strength, 0.1, axis=0)  # noqa: E731
+    if traced:  # the hyperparameter in float32 whatever the params' dtype
+      tx = optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(strength=0.0)
+      out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+    else:
+      tx = make(0.0)
+      out, _ = tx.update(updates, tx.init(params), params)
+    assert out["w"].dtype == updates["w"].dtype
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(updates["w"]))
+  assert not jax.config.jax_enable_x64
+
+
+# Exact clusters after optax.apply_updates.
+
+
+def _distinct_per_column(a):
+  a = np.asarray(a)
+  return [np.unique(a[:, j]).size for j in range(a.shape[1])]
+
+
+def test_small_moves_land_exactly_on_the_prox():
+  # Every weight moves by less than half its magnitude: target − p is exact
+  # (Sterbenz), so the update must land on the prox bit for bit (the landing
+  # is the same code for every method: host only).
+  method = "host"
+  rng = np.random.default_rng(16)
+  params = jnp.asarray(np.sign(rng.normal(size=(32, 32))) * (1.0 + rng.random((32, 32))), jnp.float32)
+  grads = jnp.asarray(rng.normal(size=(32, 32)) * 0.01, jnp.float32)
+  tx = ss.weight_sharing_prox(0.2, 1.0, axis=0, method=method)
+  updates, _ = tx.update(-grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  direct = ss.prox_weight_sharing(params - grads, 0.2, axis=0, method=method)
+  assert sum(_distinct_per_column(direct)) < 32 * 32  # clusters formed
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(direct))
+  assert _distinct_per_column(new) == _distinct_per_column(direct)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clusters_stay_bit_identical_after_apply_updates_where_floats_allow(seed):
+  # Weights cross zero: p + (c − p) need not be c, and the members of a
+  # cluster at c would round to different values. A member whose move |c − p|
+  # stays below the top of its own binade (2^(⌊log2 |p|⌋ + 1)) reaches every
+  # value on its own grid, so a cluster of such members must come back as one
+  # value; every weight lands within an ulp of |c| + B of the prox (B: the
+  # group's largest move).
+  rng = np.random.default_rng(seed)
+  params = jnp.asarray(rng.normal(size=(32, 32)) * 0.1, jnp.float32)
+  grads = jnp.asarray(rng.normal(size=(32, 32)) * 0.01, jnp.float32)
+  tx = ss.weight_sharing_prox(0.2, 1.0, axis=0)
+  updates, _ = jax.jit(tx.update)(-grads, tx.init(params), params)
+  new = np.asarray(optax.apply_updates(params, updates))
+  direct = np.asarray(ss.prox_weight_sharing(params - grads, 0.2, axis=0))
+  p = np.asarray(params)
+  plain = np.float32(p + (direct - p))
+  bound = np.abs(direct - p).max(axis=0)
+  landable = plain_split = 0
+  for j in range(32):
+    for c in np.unique(direct[:, j]):
+      m = direct[:, j] == c
+      assert np.all(np.abs(new[m, j] - c) <= np.spacing(np.float32(abs(c) + bound[j]))), (j, c)
+      top = 2.0 ** (np.floor(np.log2(np.abs(p[m, j]) + 1e-45)) + 1)
+      within = (p[m, j] == 0) | (np.abs(np.float64(c) - p[m, j]) * (1 + 2**-20) < top)
+      if m.sum() > 1 and within.all():
+        landable += 1
+        plain_split += np.unique(plain[m, j]).size > 1
+        assert np.unique(new[m, j]).size == 1, (j, c, p[m, j], new[m, j])
+  assert plain_split > 0 and landable > plain_split  # the case is really exercised
