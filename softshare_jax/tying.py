@@ -321,12 +321,27 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
     ``params``. A member whose update is None stays None and does not count
     in the aggregate. Leaves in no group pass through.
 
+  Raises:
+    ValueError: at construction, for a malformed group or a leaf in two
+      groups; at ``init``, for a path that names no leaf, members of
+      incompatible shapes or a non-float leaf, and for members that do not
+      start equal: every member's view must equal the first member's view
+      (cast to the member's dtype) exactly, as :func:`sync` leaves them (a
+      leaf tied to its own transpose must be symmetric). The message names
+      the group and the first member that differs. Unequal members would
+      keep their difference for ever under any elementwise optimizer. The
+      check is skipped where the values are unknown (``init`` under ``jit``
+      or ``jax.eval_shape``, ``jax.ShapeDtypeStruct`` leaves).
+
   Example:
     >>> import jax.numpy as jnp
     >>> import softshare_jax as ss
+    >>> groups = [["enc", ss.transposed("dec")]]
+    >>> params = ss.sync({"enc": jnp.array([[0.5, -1.0]]), "dec": jnp.zeros((2, 1))}, groups)
+    >>> tx = ss.hard_tie(groups)
+    >>> state = tx.init(params)   # unsynced members: a ValueError that says to call ss.sync
     >>> grads = {"enc": jnp.array([[1.0, 2.0]]), "dec": jnp.array([[10.0], [20.0]])}
-    >>> tx = ss.hard_tie([["enc", ss.transposed("dec")]])
-    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates, _ = tx.update(grads, state)
     >>> updates["enc"], updates["dec"]
     (Array([[11., 22.]], dtype=float32), Array([[11.], [22.]], dtype=float32))
   """
@@ -334,7 +349,8 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
   _checks.check_choice("hard_tie: reduce", reduce, _REDUCTIONS)
 
   def init_fn(params):
-    _resolve("hard_tie", _flatten(params), parsed)
+    flat = _flatten(params)
+    _check_equal_start(flat, _resolve("hard_tie", flat, parsed), parsed)
     return HardTieState()
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -360,6 +376,45 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
     return jax.tree_util.tree_unflatten(flat.treedef, new), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_concrete(leaf: Any) -> bool:
+  """Whether a leaf's values can be read now (not a tracer, not a ``ShapeDtypeStruct``)."""
+  return not isinstance(leaf, (jax.core.Tracer, jax.ShapeDtypeStruct)) and hasattr(leaf, "dtype")
+
+
+def _check_equal_start(flat: _Flat, resolved, groups) -> None:
+  """Raises unless every member's view equals its group's first member's view.
+
+  :func:`hard_tie` gives the members equal updates, so they stay equal only
+  if they start equal; unequal ones would train apart silently (their
+  difference never changes). Compared exactly, as :func:`sync` leaves them:
+  the first member's view cast to the other member's dtype (a leaf tied to
+  its own transpose must be symmetric). None leaves are left out; a group
+  with a tracer or ``ShapeDtypeStruct`` leaf is skipped (its values are
+  unknown).
+  """
+  for g, (group, members) in enumerate(zip(resolved, groups)):
+    present = [(flat.leaves[i], t, m) for (i, t), m in zip(group, members) if flat.leaves[i] is not None]
+    if len(present) < 2 or not all(_is_concrete(leaf) for leaf, _, _ in present):
+      continue
+    # NumPy leaves are compared in NumPy: jnp would round float64 to float32 first.
+    xp = jnp if any(isinstance(leaf, jax.Array) for leaf, _, _ in present) else np
+    views = [xp.transpose(xp.asarray(leaf)) if t else xp.asarray(leaf) for leaf, t, _ in present]
+    members = [m for _, _, m in present]
+    for view, member in zip(views[1:], members[1:]):
+      ref = views[0].astype(view.dtype)
+      same = (view == ref) | (xp.isnan(view) & xp.isnan(ref))
+      if bool(xp.all(same)):
+        continue
+      wide = np.float64 if xp is np else jnp.float32
+      diff = xp.abs(view.astype(wide) - ref.astype(wide))
+      raise ValueError(
+          f"hard_tie: the members of group {g} do not start equal: {member} differs from {members[0]} "
+          f"at {int(xp.sum(~same))} of {view.size} entries (largest difference {float(xp.nanmax(diff)):.3g}). "
+          "hard_tie gives the members equal updates, so members that start apart stay apart; "
+          "call params = ss.sync(params, groups) before tx.init(params)."
+      )
 
 
 # ----------------------------------------------------------------------------

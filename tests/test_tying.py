@@ -139,7 +139,7 @@ def test_soft_tie_keeps_dtype():
 def test_hard_tie_aggregate(reduce):
   grads = three_way_params(10)
   tx = ss.hard_tie(THREE_WAY, reduce=reduce)
-  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  out, _ = jax.jit(tx.update)(grads, tx.init(ss.sync(three_way_params(0), THREE_WAY)))
   g = {k: np.asarray(v, np.float64) for k, v in grads.items() if k != "c"}
   g["c"] = np.asarray(grads["c"]["w"], np.float64)
   agg = g["a"] + g["b"].T + g["c"]
@@ -170,8 +170,9 @@ def test_hard_tie_none_updates_do_not_count():
   grads = {"a": jnp.array([1.0, 2.0]), "b": None, "c": jnp.array([10.0, 20.0])}
   for reduce, expected in (("sum", [11.0, 22.0]), ("mean", [5.5, 11.0])):
     tx = ss.hard_tie([["a", "b", "c"]], reduce=reduce)
+    state = tx.init({"a": jnp.zeros(2), "b": None, "c": jnp.zeros(2)})
     for update in (tx.update, jax.jit(tx.update)):
-      out, _ = update(grads, tx.init(grads))
+      out, _ = update(grads, state)
       assert out["b"] is None
       np.testing.assert_allclose(out["a"], expected)
       np.testing.assert_allclose(out["c"], expected)
@@ -478,3 +479,57 @@ def test_error_arguments():
     ss.hard_tie([["a", "b"]], reduce="max")
   with pytest.raises(ValueError, match="the leaf at path 'i' must be a floating-point array"):
     ss.hard_tie([["a", "i"]]).init(params)
+
+
+# ----------------------------------------------------------------------------
+# hard_tie's init: members must start equal (as ss.sync leaves them).
+
+
+def test_hard_tie_init_rejects_members_that_do_not_start_equal():
+  params = three_way_params(0)
+  tx = ss.hard_tie(THREE_WAY)
+  with pytest.raises(ValueError, match=r"hard_tie: the members of group 0 do not start equal: "
+                                       r"transposed\('b'\) differs from 'a' at 15 of 15 entries .*"
+                                       r"call params = ss\.sync\(params, groups\)"):
+    tx.init(params)
+  # The first member that differs is named: here the third (b already equals a).
+  synced_ab = dict(params, b=params["a"].T)
+  with pytest.raises(ValueError, match=r"group 0 do not start equal: 'c/w' differs from 'a'"):
+    tx.init(synced_ab)
+  # A leaf tied to its own transpose must be symmetric; the message names that group.
+  fixed = ss.sync(params, [THREE_WAY[0]])
+  with pytest.raises(ValueError, match=r"group 1 do not start equal: transposed\('k'\) differs from 'k' "
+                                       r"at 12 of 16 entries"):
+    tx.init(fixed)
+  tx.init(ss.sync(params, THREE_WAY))  # Synced: no error.
+
+
+def test_hard_tie_init_compares_exactly():
+  a = rand(0, (3, 4))
+  tx = ss.hard_tie([["a", T("b")]])
+  one_ulp = a.T.at[2, 1].set(jnp.nextafter(a.T[2, 1], jnp.inf))
+  with pytest.raises(ValueError, match=r"differs from 'a' at 1 of 12 entries"):
+    tx.init({"a": a, "b": one_ulp})
+  # NumPy float64 leaves are compared in float64 (1e-12 apart is not equal).
+  x = np.array([[1.0, 2.0]])
+  with pytest.raises(ValueError, match="at 1 of 2 entries"):
+    ss.hard_tie([["x", "y"]]).init({"x": x, "y": x + np.array([[0.0, 1e-12]])})
+  # A narrower member holds the first member rounded to its dtype, as sync writes it.
+  params = ss.sync({"a": a, "b": jnp.zeros((4, 3), jnp.bfloat16)}, [["a", T("b")]])
+  tx.init(params)
+  # NaNs at the same places are equal.
+  nan = a.at[0, 0].set(jnp.nan)
+  tx.init({"a": nan, "b": nan.T})
+
+
+def test_hard_tie_init_check_skips_unknown_values_and_none():
+  params = three_way_params(0)  # Not synced, but the values are not known here:
+  tx = ss.hard_tie(THREE_WAY)
+  jax.eval_shape(tx.init, params)
+  jax.jit(tx.init)(params)
+  tx.init(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  # A None member is left out; the others must still be equal.
+  two = {"a": jnp.ones(2), "b": None, "c": jnp.ones(2)}
+  ss.hard_tie([["a", "b", "c"]]).init(two)
+  with pytest.raises(ValueError, match="'c' differs from 'a'"):
+    ss.hard_tie([["a", "b", "c"]]).init(dict(two, c=jnp.zeros(2)))
