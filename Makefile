@@ -34,6 +34,8 @@ reproduce: $(STAMP)
 	$(PY) -m benchmarks.shift_detection
 	$(PY) -m benchmarks.compress_mnist
 	$(PY) -m benchmarks.shuffled_filters
+	$(PY) -m benchmarks.recipe
+	$(PY) -m benchmarks.prox_strength
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -444,4 +444,9 @@ def get_mixture(opt_state: Any, index: int = 0) -> Mixture:
     raise ValueError("opt_state holds no MixturePriorState: was the optimizer built with ss.mixture_prior?")
   if not -len(found) <= index < len(found):
     raise ValueError(f"index {index} is out of range: opt_state holds {len(found)} mixture prior(s).")
-  return found[index].mixture
+  mixture = found[index].mixture
+  # nnx.Optimizer keeps its state's arrays in Flax Variables (OptArray): give back the arrays inside.
+  fields, treedef = jax.tree_util.tree_flatten(mixture, is_leaf=lambda x: x is not mixture)
+  if all(isinstance(f, (jax.Array, np.ndarray)) for f in fields):
+    return mixture
+  return treedef.unflatten([jnp.asarray(f) for f in fields])

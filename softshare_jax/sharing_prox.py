@@ -62,6 +62,36 @@ def weight_sharing_prox(
   :func:`sharing_stats` counts the parts. bfloat16 and float16 params get the
   rounded ``prox − w``, the update closest to the exact step.
 
+  Choosing ``strength`` (``benchmarks/prox_strength.py``). A step moves each
+  weight by at most t = strength × learning_rate: in a group of d weights
+  sorted ascending, the k-th moves by t·(2k − d − 1)/(d − 1) towards the
+  middle, and weights that meet stick together at their mean. Neighbours
+  approach each other by 2t/(d − 1) per step and d weights of spread σ lie
+  about σ·√(2π)/d apart near the middle, so, the loss aside, merging starts
+  once the accumulated pull T = t × steps reaches about σ, whatever d. The
+  loss pulls the weights apart at every step, so in training it takes
+  longer. Measured on the digits MLP (64-64-10, SGD lr 0.05 momentum 0.9,
+  the prox last on the kernels, 21 steps per epoch, σ ≈ 0.125; mean of 2
+  seeds; plain SGD 96.7 % test accuracy):
+
+      strength  epochs  T/σ   axis=0: test %, distinct per    axis=None: test %, distinct
+                                neuron (median, Dense_0/1/2)    per kernel (of 4096/4096/640)
+      0.003     40       1.0  97.0, 63 / 64 / 64              96.8, 4084 / 4093 / 640
+      0.01      10       0.8  97.1, 63 / 64 / 64              97.3, 4078 / 4084 / 639
+      0.01      40       3.4  97.7,  9 /  8 / 46              97.8, 1231 / 744 / 622
+      0.02      40       6.7  97.4,  1 /  2 / 16              97.0,  578 / 216 / 216
+      0.05      10       4.2  96.6,  2 /  3 / 24              96.9,  490 / 277 / 264
+      0.05      40      16.8  97.0,  1 /  1 /  5              96.8,  346 /  42 /  53
+      0.1       40      33.6  95.0,  1 /  1 /  5              95.4,  270 /  20 /  34
+      0.3       10      25.2  10.7,  1 /  1 /  1              10.2,    1 /   1 /   1
+
+  Below T ≈ σ nothing merges; T ≈ 3σ leaves a handful of values per group at
+  no cost; beyond T ≈ 7σ most neurons (``axis=0``) share one or two values;
+  a per-step t of 0.12σ (strength 0.3) collapsed every group before the loss
+  could hold it apart, while 0.04σ (strength 0.1) still trained. To reach
+  k·σ over the planned steps: strength ≈ k·σ / (learning_rate × steps), k
+  from 2 to 5, keeping t below about σ/25.
+
   Args:
     strength: λ >= 0, float or schedule.
     learning_rate: η >= 0, float or optax schedule (the optimizer's).
@@ -76,9 +106,15 @@ def weight_sharing_prox(
     Empty leaves pass through; a scalar leaf takes ``axis=None`` or ``()``
     (mask it out otherwise). A group holding a NaN or an infinity, after the
     step, comes back NaN (see :func:`prox_weight_sharing`).
-    Under ``optax.inject_hyperparams`` (to change ``strength`` or
-    ``learning_rate`` during training), mark an int ``axis`` static:
-    ``optax.inject_hyperparams(ss.weight_sharing_prox, static_args=("axis",))``.
+    Under ``optax.inject_hyperparams`` (to schedule or change ``strength``,
+    ``learning_rate`` or ``l1``), pass ``static_args=('axis', 'mask')``:
+    optax turns an int ``axis`` into an array, and takes a callable ``mask``
+    for a schedule and calls it with the step count instead of the params (a
+    mask by path then fails inside your own function; a mask by leaf returns
+    a single ``False``)::
+
+        tx = optax.inject_hyperparams(ss.weight_sharing_prox, static_args=('axis', 'mask'))(
+            strength=schedule, learning_rate=0.05, axis=0, mask=lambda p: ...)
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

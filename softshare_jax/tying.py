@@ -39,7 +39,6 @@ from softshare_jax import masks
 from softshare_jax._sharding import like
 
 _REDUCTIONS = ("sum", "mean")
-_VARIABLE_VALUE = ("value", "raw_value")  # The attribute Flax NNX Variables flatten through.
 _PATHS_SHOWN = 30
 
 
@@ -128,12 +127,11 @@ def _flatten(tree: Any) -> _Flat:
   where: dict[str, list[int]] = {}
   paths = []
   for i, (keys, _) in enumerate(flat):
-    names = [masks.path_str(keys)]
-    last = keys[-1] if keys else None
-    if isinstance(last, jax.tree_util.GetAttrKey) and last.name in _VARIABLE_VALUE:
-      names.insert(0, masks.path_str(keys[:-1]))  # An NNX Variable: its path, without "value".
-    paths.append(names[0])
-    for n in names:
+    path = masks.canonical_path(keys)
+    paths.append(path)
+    # A member may name an NNX leaf with or without its Variable's "value", whether this
+    # tree is an nnx.State (init) or the pure updates nnx.Optimizer passes (update).
+    for n in {path, masks.path_str(keys), *(f"{path}/{v}" for v in masks.NNX_VALUE_KEYS)}:
       where.setdefault(n, []).append(i)
   return _Flat([leaf for _, leaf in flat], treedef, where, paths)
 

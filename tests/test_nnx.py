@@ -272,8 +272,6 @@ def test_get_mixture_on_nnx_optimizer_state():
     np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)))
 
 
-@pytest.mark.xfail(strict=True, reason="prior.get_mixture returns nnx.Optimizer's OptArray wrappers as the "
-                   "mixture's fields; fix: unwrap them in prior.get_mixture (see the report)")
 def test_get_mixture_on_nnx_optimizer_state_holds_arrays():
   model = CNN(nnx.Rngs(0))
   opt = nnx.Optimizer(model, optax.chain(ss.mixture_prior(3, 1e-2), optax.adam(1e-2)), wrt=nnx.Param)
@@ -302,12 +300,7 @@ def tie(kind, suffix=""):
 
 
 @pytest.mark.parametrize("kind", ["soft_tie", "hard_tie"])
-@pytest.mark.parametrize("suffix", [
-    "",
-    pytest.param("/value", marks=pytest.mark.xfail(
-        strict=True, reason="tying: a member path with NNX's trailing /value names no leaf of the pure updates "
-        "nnx.Optimizer passes to update; fix in tying._flatten (see the report)")),
-])
+@pytest.mark.parametrize("suffix", ["", "/value"])
 def test_tying_in_nnx_optimizer_matches_pure_dict(kind, suffix):
   groups, tx = tie(kind, suffix)
   model = AE(nnx.Rngs(0))

@@ -62,6 +62,9 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the packed indices
     (2–8 bits per weight).
+    Under ``optax.inject_hyperparams`` it needs no ``static_args``:
+    ``quantized`` is neither a number nor a callable and ``reduce`` is a
+    string.
 
   Example:
     >>> import jax.numpy as jnp, optax
