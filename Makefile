@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench notebooks reproduce clean
 
-$(STAMP): pyproject.toml setup.py softshare_jax/_hostprox.c
+$(STAMP): pyproject.toml setup.py softshare_jax/hostprox.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"

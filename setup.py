@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "softshare_jax._hostprox",
-            ["softshare_jax/_hostprox.c"],
+            "softshare_jax.hostprox",
+            ["softshare_jax/hostprox.c"],
             extra_compile_args=["-O3"],
             optional=True,
         )

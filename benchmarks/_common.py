@@ -274,11 +274,11 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json_atomic(path: str, obj: Any) -> str:
   """Writes ``obj`` as JSON to ``path`` atomically; returns the path."""
-  from softshare_jax import _files
+  from softshare_jax import files
 
   text = json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # --out may name a new folder
-  _files.write_bytes_atomic(path, text.encode("utf-8"))
+  files.write_bytes_atomic(path, text.encode("utf-8"))
   return path
 
 
@@ -295,11 +295,11 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
   """Saves a Matplotlib figure to ``path`` atomically (temp file + rename) and closes it."""
   import matplotlib.pyplot as plt
-  from softshare_jax import _files
+  from softshare_jax import files
 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   try:
-    with _files.atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+    with files.atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
       fig.savefig(tmp, dpi=dpi)
   finally:
     plt.close(fig)

@@ -2,8 +2,8 @@
 
 The layers, each importing only those before it (docs/design.md §2):
 
-- internal: ``_checks`` (argument checks, schedules), ``_files`` (atomic
-  writes), ``_groups`` (``axis`` → rows), ``masks`` (masks and key paths);
+- internal: ``checks`` (argument checks, schedules), ``files`` (atomic
+  writes), ``groups`` (``axis`` → rows), ``masks`` (masks and key paths);
 - math: ``mixture/`` (the mixture prior's math: pytree, densities,
   sufficient statistics, hyper-priors, initializers, EM, merging),
   ``isotonic`` (the prox kernels), ``sharing`` (the regularizer and its

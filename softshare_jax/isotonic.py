@@ -58,7 +58,7 @@ from jax import lax
 from scipy import optimize as _sp_optimize
 
 try:  # The C host kernel, built at install time when a compiler is there.
-  from softshare_jax import _hostprox as host_kernel
+  from softshare_jax import hostprox as host_kernel
 except ImportError:  # pragma: no cover - depends on the build.
   host_kernel = None
 

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softshare_jax import _checks
+from softshare_jax import checks
 from softshare_jax import masks
-from softshare_jax.mixture import _em
-from softshare_jax.mixture import _hyper
-from softshare_jax.mixture import _init
-from softshare_jax.mixture import _model
-from softshare_jax.mixture import _statistics
-from softshare_jax.mixture._model import Mixture
+from softshare_jax.mixture import em
+from softshare_jax.mixture import hyper
+from softshare_jax.mixture import init as mixture_init
+from softshare_jax.mixture import model
+from softshare_jax.mixture import statistics
+from softshare_jax.mixture.model import Mixture
 
 _UPDATES = ("gradient", "em")
 # What optax.inject_hyperparams must leave alone: ints that set shapes, and the mask (a callable
@@ -53,7 +53,7 @@ def _check_static(num_components: Any, chunk_size: Any, mask: Any) -> None:
   for name, value in (("num_components", num_components), ("chunk_size", chunk_size)):
     if isinstance(value, (jax.Array, np.ndarray)):
       raise ValueError(f"{name} must be a Python int, got {value!r}: {_INJECT_HINT}.")
-  if _checks.is_traced(mask):
+  if checks.is_traced(mask):
     raise ValueError(f"mask must be a pytree of bools or a callable, got the traced value {mask!r}: "
                      f"{_INJECT_HINT}.")
   scalar_bool = isinstance(mask, (bool, np.bool_)) or (
@@ -107,7 +107,7 @@ def mixture_adam(means: float = 1e-4, log_precisions: float = 3e-3, logits: floa
     >>> tx = ss.mixture_prior(8, 1e-4, mixture_optimizer=ss.mixture_adam(means=3e-4))
   """
   for name, rate in (("means", means), ("log_precisions", log_precisions), ("logits", logits)):
-    _checks.check_nonnegative(name, rate)
+    checks.check_nonnegative(name, rate)
 
   def scale(u, params):
     del params
@@ -143,53 +143,53 @@ class _PriorConfig:
     """The starting mixture for the masked leaves; a placeholder when they have no values."""
     kwargs = dict(zero_component=self.zero_component, zero_weight=self.zero_weight, name="params")
     if not weights or any(isinstance(x, jax.ShapeDtypeStruct) for x in weights):
-      return _init.initial_mixture(jnp.zeros((1,), jnp.float32), self.num_components, init="range",
+      return mixture_init.initial_mixture(jnp.zeros((1,), jnp.float32), self.num_components, init="range",
                                    key=None, **kwargs)
-    return _init.initial_mixture([jnp.asarray(x, jnp.float32) for x in weights], self.num_components,
+    return mixture_init.initial_mixture([jnp.asarray(x, jnp.float32) for x in weights], self.num_components,
                                  init=self.init, key=self.key, **kwargs)
 
 
 def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
-                s: jax.Array) -> tuple[Any, _statistics.Statistics, bool]:
+                s: jax.Array) -> tuple[Any, statistics.Statistics, bool]:
   """Adds ``s · ∂/∂w [−log p(w)]`` to the masked updates; sums the statistics.
 
   Returns the new updates, the statistics of all masked weights, and whether
   any leaf was masked in. A weight the mixture cannot evaluate (NaN, ±Inf, or
   a log-joint of −inf for every component) adds nothing to its update and is
-  left out of the statistics (``_statistics.weight_pass``).
+  left out of the statistics (``statistics.weight_pass``).
   """
   u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
   p_leaves = treedef.flatten_up_to(params)
   on_leaves = treedef.flatten_up_to(cfg.masked(params))
-  total, seen, out = _statistics.zero_statistics(m.num_components), False, []
+  total, seen, out = statistics.zero_statistics(m.num_components), False, []
   for u, p, on in zip(u_leaves, p_leaves, on_leaves):
     if not on:
       out.append(u)
       continue
-    grad_w, stats = _statistics.leaf_pass(m, jnp.asarray(p).astype(jnp.float32), cfg.chunk)
-    total, seen = _statistics.add(total, stats), True
+    grad_w, stats = statistics.leaf_pass(m, jnp.asarray(p).astype(jnp.float32), cfg.chunk)
+    total, seen = statistics.add(total, stats), True
     out.append(None if u is None else (u.astype(jnp.float32) + s * grad_w).astype(u.dtype))
   return treedef.unflatten(out), total, seen
 
 
-def _em_update(cfg: _PriorConfig, m: Mixture, stats: _statistics.Statistics) -> Mixture:
+def _em_update(cfg: _PriorConfig, m: Mixture, stats: statistics.Statistics) -> Mixture:
   """One undamped EM step from the statistics (the precision priors apply)."""
-  priors = _hyper.PrecisionPriors.of(cfg.precision_prior, cfg.zero_precision_prior)
-  return _em.m_step(m, stats, priors, 0.0, cfg.learn_zero_weight)
+  priors = hyper.PrecisionPriors.of(cfg.precision_prior, cfg.zero_precision_prior)
+  return em.m_step(m, stats, priors, 0.0, cfg.learn_zero_weight)
 
 
 def _gradient_update(cfg: _PriorConfig, inner: optax.GradientTransformation, m: Mixture,
-                     stats: _statistics.Statistics, inner_state: Any, s: jax.Array) -> tuple[Mixture, Any]:
+                     stats: statistics.Statistics, inner_state: Any, s: jax.Array) -> tuple[Mixture, Any]:
   """One step of ``inner`` on ``s · ∂/∂mixture [−Σ log p(w) − log hyper-priors]``."""
-  g_hyper = jax.grad(_hyper.hyper_cost)(m, cfg.precision_prior, cfg.zero_precision_prior,
+  g_hyper = jax.grad(hyper.hyper_cost)(m, cfg.precision_prior, cfg.zero_precision_prior,
                                         cfg.zero_weight_prior, cfg.learn_zero_weight)
-  grads = jax.tree.map(lambda a, b: s * (a + b), _statistics.mixture_gradient(m, stats), g_hyper)
+  grads = jax.tree.map(lambda a, b: s * (a + b), statistics.mixture_gradient(m, stats), g_hyper)
   if not cfg.learn_zero_weight:
     grads = dataclasses.replace(grads, zero_logit=jnp.zeros_like(grads.zero_logit))
   steps, inner_state = inner.update(grads, inner_state, m)
-  new = _model.as_float32(optax.apply_updates(m, steps))
+  new = model.as_float32(optax.apply_updates(m, steps))
   new = dataclasses.replace(
-      new, log_precisions=jnp.clip(new.log_precisions, -_model.MAX_LOG_PRECISION, _model.MAX_LOG_PRECISION),
+      new, log_precisions=jnp.clip(new.log_precisions, -model.MAX_LOG_PRECISION, model.MAX_LOG_PRECISION),
       zero_logit=new.zero_logit if cfg.learn_zero_weight else m.zero_logit)
   return new, inner_state
 
@@ -380,16 +380,16 @@ def mixture_prior(
     (2, 5)
   """
   _check_static(num_components, chunk_size, mask)
-  f = _init.check_init_args(num_components, zero_weight, init, key)
-  _checks.check_nonnegative("strength", strength)
+  f = mixture_init.check_init_args(num_components, zero_weight, init, key)
+  checks.check_nonnegative("strength", strength)
   cfg = _PriorConfig(
       num_components=f, zero_component=bool(zero_component), zero_weight=zero_weight,
       learn_zero_weight=bool(learn_zero_weight),
-      zero_weight_prior=_hyper.check_beta_prior("zero_weight_prior", zero_weight_prior),
-      precision_prior=_hyper.check_gamma_prior("precision_prior", precision_prior),
-      zero_precision_prior=_hyper.check_gamma_prior("zero_precision_prior", zero_precision_prior),
-      init=init, key=key, use_em=_checks.check_choice("mixture_update", mixture_update, _UPDATES) == "em",
-      mask=mask, chunk=None if chunk_size is None else _checks.check_int("chunk_size", chunk_size))
+      zero_weight_prior=hyper.check_beta_prior("zero_weight_prior", zero_weight_prior),
+      precision_prior=hyper.check_gamma_prior("precision_prior", precision_prior),
+      zero_precision_prior=hyper.check_gamma_prior("zero_precision_prior", zero_precision_prior),
+      init=init, key=key, use_em=checks.check_choice("mixture_update", mixture_update, _UPDATES) == "em",
+      mask=mask, chunk=None if chunk_size is None else checks.check_int("chunk_size", chunk_size))
   if mixture_optimizer is not None and not (hasattr(mixture_optimizer, "init")
                                             and hasattr(mixture_optimizer, "update")):
     raise ValueError(f"mixture_optimizer must be an Optax transformation, got {mixture_optimizer!r}.")
@@ -403,8 +403,8 @@ def mixture_prior(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params("mixture_prior", params)
-    s = jnp.asarray(_checks.check_schedule_value("strength", _checks.value_at(strength, state.count)),
+    checks.require_params("mixture_prior", params)
+    s = jnp.asarray(checks.check_schedule_value("strength", checks.value_at(strength, state.count)),
                     jnp.float32)
     return step(updates, state, params, s)
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from softshare_jax import _checks
+from softshare_jax import checks
 from softshare_jax import isotonic
-from softshare_jax._groups import Axis
-from softshare_jax._groups import to_rows
+from softshare_jax.groups import Axis
+from softshare_jax.groups import to_rows
 
 METHODS = ("auto", "device", "host")
 
@@ -45,7 +45,7 @@ def _scalar(name: str, value, dtype) -> jax.Array:
   Clamping is exact: any strength above the spread of a group already gives
   the group mean, and any l1 above the largest weight already gives zeros.
   """
-  if not _checks.is_traced(value):
+  if not checks.is_traced(value):
     value = np.minimum(np.asarray(value, np.float64), np.finfo(dtype).max)
   v = jnp.asarray(value).astype(dtype)
   if v.ndim:
@@ -198,9 +198,9 @@ def prox_weight_sharing(
   """
   x = jnp.asarray(x)
   check_float(x)
-  _checks.check_nonnegative("strength", strength)
-  _checks.check_nonnegative("l1", l1)
-  _checks.check_choice("method", method, METHODS)
+  checks.check_nonnegative("strength", strength)
+  checks.check_nonnegative("l1", l1)
+  checks.check_choice("method", method, METHODS)
   rows, back = to_rows(x, axis)
   dtype = compute_dtype(x.dtype)
   t = _scalar("strength", strength, dtype)

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softshare_jax import _checks
-from softshare_jax import _sharding
+from softshare_jax import checks
+from softshare_jax import sharding
 from softshare_jax import masks
-from softshare_jax._groups import Axis
-from softshare_jax._groups import to_rows
+from softshare_jax.groups import Axis
+from softshare_jax.groups import to_rows
 from softshare_jax.sharing import compute_dtype
 from softshare_jax.sharing import METHODS
 from softshare_jax.sharing import prox_weight_sharing
@@ -128,10 +128,10 @@ def weight_sharing_prox(
     >>> ss.sharing_stats(params).total.distinct  # 0.30 and 0.31 merged
     3
   """
-  _checks.check_nonnegative("strength", strength)
-  _checks.check_nonnegative("learning_rate", learning_rate)
-  _checks.check_nonnegative("l1", l1)
-  _checks.check_choice("method", method, METHODS)
+  checks.check_nonnegative("strength", strength)
+  checks.check_nonnegative("learning_rate", learning_rate)
+  checks.check_nonnegative("l1", l1)
+  checks.check_choice("method", method, METHODS)
 
   def init_fn(params):
     del params
@@ -139,16 +139,16 @@ def weight_sharing_prox(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params("weight_sharing_prox", params)
-    lr = _checks.check_schedule_value("learning_rate", _checks.value_at(learning_rate, state.count))
-    t = _checks.check_schedule_value("strength", _checks.value_at(strength, state.count)) * lr
+    checks.require_params("weight_sharing_prox", params)
+    lr = checks.check_schedule_value("learning_rate", checks.value_at(learning_rate, state.count))
+    t = checks.check_schedule_value("strength", checks.value_at(strength, state.count)) * lr
     s = l1 * lr
     keep = masks.resolve_mask(mask, params, masks.is_float_leaf)
 
     def step(path, u, p, on):
       if u is None or not on:
         return u
-      if not (_checks.is_traced(t) or _checks.is_traced(s)) and t == 0 and s == 0:
+      if not (checks.is_traced(t) or checks.is_traced(s)) and t == 0 and s == 0:
         return u  # the identity, bit for bit
       dtype = compute_dtype(jnp.promote_types(p.dtype, u.dtype))
       w = p.astype(dtype) + u.astype(dtype)
@@ -158,7 +158,7 @@ def weight_sharing_prox(
         raise ValueError(f"weight_sharing_prox, leaf {masks.path_str(path)!r}: {e}") from None
       out = _landing_update(p, new, u.dtype, axis)
       out = jnp.where((jnp.asarray(t) == 0) & (jnp.asarray(s) == 0), u, out)
-      return _sharding.like(u, out)
+      return sharding.like(u, out)
 
     updates = jax.tree_util.tree_map_with_path(step, updates, params, keep, is_leaf=lambda u: u is None)
     return updates, WeightSharingProxState(count=optax.safe_increment(state.count))

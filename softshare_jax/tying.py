@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softshare_jax import _checks
+from softshare_jax import checks
 from softshare_jax import masks
-from softshare_jax._sharding import like
+from softshare_jax.sharding import like
 
 _REDUCTIONS = ("sum", "mean")
 _PATHS_SHOWN = 30
@@ -246,7 +246,7 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: optax.ScalarOrSchedul
     Array([-0.5,  0. ], dtype=float32)
   """
   parsed = _parse_groups("soft_tie", groups)
-  _checks.check_nonnegative("strength", strength)
+  checks.check_nonnegative("strength", strength)
 
   def init_fn(params):
     _resolve("soft_tie", _flatten(params), parsed)
@@ -254,8 +254,8 @@ def soft_tie(groups: Sequence[Sequence[Member]], strength: optax.ScalarOrSchedul
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params("soft_tie", params)
-    lam = _checks.check_schedule_value("strength", _checks.value_at(strength, state.count))
+    checks.require_params("soft_tie", params)
+    lam = checks.check_schedule_value("strength", checks.value_at(strength, state.count))
     u_flat, p_flat = _flatten(updates), _flatten(params)
     p_groups = _resolve("soft_tie", p_flat, parsed)
     u_groups = _resolve("soft_tie", u_flat, parsed, what="update")
@@ -344,7 +344,7 @@ def hard_tie(groups: Sequence[Sequence[Member]], *, reduce: str = "sum") -> opta
     (Array([[11., 22.]], dtype=float32), Array([[11.], [22.]], dtype=float32))
   """
   parsed = _parse_groups("hard_tie", groups)
-  _checks.check_choice("hard_tie: reduce", reduce, _REDUCTIONS)
+  checks.check_choice("hard_tie: reduce", reduce, _REDUCTIONS)
 
   def init_fn(params):
     flat = _flatten(params)

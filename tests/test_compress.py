@@ -22,8 +22,8 @@ import pytest
 from scipy import stats
 
 import softshare_jax as ss
-from softshare_jax.compress import _hashing
-from softshare_jax.compress import _report
+from softshare_jax.compress import hashing
+from softshare_jax.compress import report
 from test_mixture import make as mixture  # a Mixture from all-component values
 
 
@@ -126,7 +126,7 @@ def test_index_packing(k, bits, dtype):
 def test_wide_packing_for_many_buckets():
   leaf = ss.hash_clusters({"w": jnp.ones((40, 40))}, 300, key=jax.random.key(0)).tree["w"]
   assert leaf.bits == 16 and leaf.indices.dtype == np.uint16
-  np.testing.assert_array_equal(np.asarray(leaf.unpacked()), _hashing.hash_positions(1600, leaf.hash_seed, 300))
+  np.testing.assert_array_equal(np.asarray(leaf.unpacked()), hashing.hash_positions(1600, leaf.hash_seed, 300))
 
 
 def test_dequantize_under_jit():
@@ -226,7 +226,7 @@ def test_hash_clusters_buckets_are_means_of_their_positions():
   for name in ("dense", "conv"):
     leaf = q.tree[name]["kernel"]
     w = np.asarray(p[name]["kernel"], np.float64).ravel()
-    idx = _hashing.hash_positions(w.size, leaf.hash_seed, 10)
+    idx = hashing.hash_positions(w.size, leaf.hash_seed, 10)
     assert np.bincount(idx, minlength=10).min() > 0  # all buckets in use here
     want = [w[idx == b].mean() for b in range(10)]
     np.testing.assert_allclose(np.asarray(leaf.codebook), want, rtol=1e-6)
@@ -235,7 +235,7 @@ def test_hash_clusters_buckets_are_means_of_their_positions():
     seeds.add(leaf.hash_seed)
   assert len(seeds) == 2  # each tensor gets its own hash
   # The hash spreads positions evenly: a chi-square test on 10 buckets over 10^5 positions.
-  counts = np.bincount(_hashing.hash_positions(100_000, 12345, 10), minlength=10)
+  counts = np.bincount(hashing.hash_positions(100_000, 12345, 10), minlength=10)
   assert stats.chisquare(counts).pvalue > 1e-4
   with pytest.raises(ValueError, match="num_buckets"):
     ss.hash_clusters(p, 0, key=jax.random.key(0))
@@ -311,7 +311,7 @@ def test_report_totals_kept_leaves_and_table():
 @pytest.mark.parametrize("counts,want", [([5], 5), ([1, 1], 2), ([1, 1, 2, 4], 14), ([3, 3, 3, 3], 24),
                                          ([0, 7, 0], 7)])
 def test_huffman_bits(counts, want):
-  assert _report.huffman_bits(np.array(counts)) == want
+  assert report.huffman_bits(np.array(counts)) == want
 
 
 @hypothesis.settings(max_examples=50, deadline=None)
@@ -319,7 +319,7 @@ def test_huffman_bits(counts, want):
 def test_huffman_is_between_entropy_and_entropy_plus_one(counts):
   c = np.array(counts, np.float64)
   entropy = -np.sum(c * np.log2(c / c.sum()))
-  bits = _report.huffman_bits(np.array(counts))
+  bits = report.huffman_bits(np.array(counts))
   assert entropy - 1e-9 <= bits <= entropy + c.sum()
 
 

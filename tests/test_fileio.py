@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import softshare_jax as ss
-from softshare_jax import _files
+from softshare_jax import files
 from test_compress import assert_quantized_equal
 from test_compress import quantized_examples
 
@@ -491,7 +491,7 @@ def test_a_killed_saves_leftover_is_removed_by_the_next_save(tmp_path):
   target = tmp_path / "m.safetensors"
   other = tmp_path / ".other.softshare-tmp-0000"  # another target's leftover: not ours to judge here
   other.write_bytes(b"x")
-  run = subprocess.run([sys.executable, "-c", KILLED_WRITER, _files.__file__, str(target)], check=False)
+  run = subprocess.run([sys.executable, "-c", KILLED_WRITER, files.__file__, str(target)], check=False)
   assert run.returncode == -signal.SIGKILL
   assert len(temps(tmp_path, "m.safetensors")) == 1 and not target.exists()
   ss.save_quantized(target, small())
@@ -516,7 +516,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
   target = tmp_path / "m.bin"
   target.write_bytes(b"old")
   with pytest.raises(RuntimeError):
-    with _files.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
       with open(tmp, "wb") as f:
         f.write(b"new")
       raise RuntimeError("disk full")

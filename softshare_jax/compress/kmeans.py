@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softshare_jax import _checks
-from softshare_jax.compress._format import leaf_from_values
-from softshare_jax.compress._format import MAX_CODEBOOK
-from softshare_jax.compress._format import Quantized
-from softshare_jax.compress._quantize import host_weights
-from softshare_jax.compress._quantize import map_masked
-from softshare_jax.mixture._init import kmeans_pp
+from softshare_jax import checks
+from softshare_jax.compress.quantized import leaf_from_values
+from softshare_jax.compress.quantized import MAX_CODEBOOK
+from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantizer import host_weights
+from softshare_jax.compress.quantizer import map_masked
+from softshare_jax.mixture.init import kmeans_pp
 
 _CLUSTER_INITS = ("kmeans++", "linear")
 _LLOYD_MAX_ITERATIONS = 300
@@ -81,14 +81,14 @@ def cluster_weights(params: Any, num_clusters: int, *, mask: Any = None, key: ja
     >>> q.tree["w"].codebook.tolist()  # doctest: +NUMBER
     [-1.00, -0.005, 0.995]
   """
-  _checks.check_int("num_clusters", num_clusters, high=MAX_CODEBOOK)
-  _checks.check_choice("init", init, _CLUSTER_INITS)
+  checks.check_int("num_clusters", num_clusters, high=MAX_CODEBOOK)
+  checks.check_choice("init", init, _CLUSTER_INITS)
   if not 0.0 <= float(prune_fraction) < 1.0:
     raise ValueError(f"prune_fraction must be in [0, 1), got {prune_fraction!r}.")
   if prune_fraction > 0 and num_clusters < 2:
     raise ValueError("num_clusters must be >= 2 with prune_fraction > 0 (zero is one of the entries).")
   if init == "kmeans++":
-    key = _checks.require_key("cluster_weights", key)
+    key = checks.require_key("cluster_weights", key)
 
   def one(i, path, leaf):
     w = host_weights(path, leaf).ravel()

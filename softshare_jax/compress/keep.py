@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softshare_jax import _checks
+from softshare_jax import checks
 from softshare_jax import masks
-from softshare_jax._sharding import like
-from softshare_jax.compress._format import check_quantized
-from softshare_jax.compress._format import is_qleaf
-from softshare_jax.compress._format import Quantized
+from softshare_jax.sharding import like
+from softshare_jax.compress.quantized import check_quantized
+from softshare_jax.compress.quantized import is_qleaf
+from softshare_jax.compress.quantized import Quantized
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -77,7 +77,7 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
     Array([[-2., -0.], [-2., -2.]], dtype=float32)
   """
   check_quantized(quantized)
-  _checks.check_choice("reduce", reduce, _REDUCTIONS)
+  checks.check_choice("reduce", reduce, _REDUCTIONS)
   # Keyed by path, not in the quantized tree's structure: a tree quantized from an
   # nnx.State holds its leaves in Variables, which nnx.Optimizer rewrites between
   # steps (a QuantizedLeaf inside one comes back as a State of its arrays).

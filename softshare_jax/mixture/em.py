@@ -8,16 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softshare_jax._checks import is_traced
-from softshare_jax.mixture._hyper import check_gamma_prior
-from softshare_jax.mixture._hyper import PrecisionPriors
-from softshare_jax.mixture._model import check_mixture
-from softshare_jax.mixture._model import flat_weights
-from softshare_jax.mixture._model import MAX_LOG_PRECISION
-from softshare_jax.mixture._model import Mixture
-from softshare_jax.mixture._model import TINY
-from softshare_jax.mixture._statistics import statistics
-from softshare_jax.mixture._statistics import Statistics
+from softshare_jax.checks import is_traced
+from softshare_jax.mixture.hyper import check_gamma_prior
+from softshare_jax.mixture.hyper import PrecisionPriors
+from softshare_jax.mixture.model import check_mixture
+from softshare_jax.mixture.model import flat_weights
+from softshare_jax.mixture.model import MAX_LOG_PRECISION
+from softshare_jax.mixture.model import Mixture
+from softshare_jax.mixture.model import TINY
+from softshare_jax.mixture.statistics import statistics
+from softshare_jax.mixture.statistics import Statistics
 
 # A component whose total responsibility N_j is below this has lost its mass:
 # the M-step leaves it as it was instead of dividing by ~0.
@@ -87,7 +87,7 @@ def em_step(
   priors = PrecisionPriors.of(check_gamma_prior("precision_prior", precision_prior),
                               check_gamma_prior("zero_precision_prior", zero_precision_prior))
   x = flat_weights(w, "w")
-  new, used = _em(mixture, x, priors, jnp.asarray(damping, jnp.float32), bool(learn_zero_weight))
+  new, used = em(mixture, x, priors, jnp.asarray(damping, jnp.float32), bool(learn_zero_weight))
   if not is_traced(used) and float(used) == 0:
     raise ValueError(f"w has no usable weight: all {x.size} are NaN, Inf, or too far from every "
                      "component of mixture for a finite density (check the weights and the mixture).")
@@ -95,7 +95,7 @@ def em_step(
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
-def _em(mixture: Mixture, x: jax.Array, priors: PrecisionPriors, damping: jax.Array,
+def em(mixture: Mixture, x: jax.Array, priors: PrecisionPriors, damping: jax.Array,
         learn_zero_weight: bool) -> tuple[Mixture, jax.Array]:
   """The new mixture and the number of weights its statistics used."""
   stats = statistics(mixture, x)

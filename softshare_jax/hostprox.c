@@ -304,8 +304,8 @@ static PyMethodDef methods[] = {
      "(float32, or float64 when wide), into out."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hostprox",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "hostprox",
                                     "Host kernel of the weight-sharing prox.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__hostprox(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_hostprox(void) { return PyModule_Create(&module); }

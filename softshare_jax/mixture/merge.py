@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from softshare_jax._checks import is_traced
-from softshare_jax.mixture._model import check_finite_mixture
-from softshare_jax.mixture._model import from_components
-from softshare_jax.mixture._model import MAX_LOG_PRECISION
-from softshare_jax.mixture._model import Mixture
+from softshare_jax.checks import is_traced
+from softshare_jax.mixture.model import check_finite_mixture
+from softshare_jax.mixture.model import from_components
+from softshare_jax.mixture.model import MAX_LOG_PRECISION
+from softshare_jax.mixture.model import Mixture
 
 
 # (rows × K) float64 divergences evaluated at once when rows' nearest pairs are

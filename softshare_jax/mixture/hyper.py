@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softshare_jax._checks import is_traced
-from softshare_jax.mixture._model import Mixture
+from softshare_jax.checks import is_traced
+from softshare_jax.mixture.model import Mixture
 
 # Gamma(1, 0), the flat prior on λ: the EM step reduces to maximum likelihood.
 _FLAT = (1.0, 0.0)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from softshare_jax.mixture._density import log_joint
-from softshare_jax.mixture._model import Mixture
-from softshare_jax.mixture._model import usable
+from softshare_jax.mixture.density import log_joint
+from softshare_jax.mixture.model import Mixture
+from softshare_jax.mixture.model import usable
 
 # Weights per chunk at most (small mixtures), and the budget of chunk × K
 # elements per chunk: the temporaries of one chunk are a few (chunk, K) float32

@@ -8,15 +8,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softshare_jax._checks import check_choice
-from softshare_jax._checks import check_int
-from softshare_jax._checks import check_open_unit
-from softshare_jax._checks import is_traced
-from softshare_jax._checks import require_key
-from softshare_jax.mixture._model import flat_weights
-from softshare_jax.mixture._model import MAX_WEIGHT
-from softshare_jax.mixture._model import Mixture
-from softshare_jax.mixture._model import usable
+from softshare_jax.checks import check_choice
+from softshare_jax.checks import check_int
+from softshare_jax.checks import check_open_unit
+from softshare_jax.checks import is_traced
+from softshare_jax.checks import require_key
+from softshare_jax.mixture.model import flat_weights
+from softshare_jax.mixture.model import MAX_WEIGHT
+from softshare_jax.mixture.model import Mixture
+from softshare_jax.mixture.model import usable
 
 INITS = ("range", "quantile", "kmeans++")
 _KMEANS_ITERATIONS = 10
@@ -143,7 +143,7 @@ def initial_mixture(weights: Any, f: int, *, zero_component: bool, zero_weight: 
   if not is_traced(w) and not bool(jnp.any(usable(w))):
     raise ValueError(f"{name} has no usable value (all {w.size} are NaN, Inf or above {MAX_WEIGHT:g} in "
                      "magnitude): cannot start a mixture from it.")
-  return _init(w, jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component), init)
+  return _start(w, jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component), init)
 
 
 def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) -> int:
@@ -156,7 +156,7 @@ def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) 
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _init(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
+def _start(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
   # NaN stands for every unusable weight, so that the nan-reductions skip them.
   finite = usable(w)
   w = jnp.where(finite, w, jnp.nan)

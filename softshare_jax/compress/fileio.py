@@ -20,27 +20,27 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save as _st_save
 
-from softshare_jax import _files
+from softshare_jax import files
 from softshare_jax import masks
-from softshare_jax.compress._filecheck import digest
-from softshare_jax.compress._filecheck import DTYPES
-from softshare_jax.compress._filecheck import FORMAT
-from softshare_jax.compress._filecheck import FORMAT_VERSION
-from softshare_jax.compress._filecheck import Invalid
-from softshare_jax.compress._filecheck import Layout
-from softshare_jax.compress._filecheck import check_layout
-from softshare_jax.compress._filecheck import Leaf
-from softshare_jax.compress._filecheck import MAX_HEADER_BYTES
-from softshare_jax.compress._filecheck import METADATA_KEY
-from softshare_jax.compress._filecheck import ST_DTYPES
-from softshare_jax.compress._filecheck import ST_NAMES
-from softshare_jax.compress._filecheck import stored_dtype
-from softshare_jax.compress._filecheck import Tensor
-from softshare_jax.compress._format import check_quantized
-from softshare_jax.compress._format import is_qleaf
-from softshare_jax.compress._format import Quantized
-from softshare_jax.compress._format import QuantizedLeaf
-from softshare_jax.compress._hashing import hashed_leaf
+from softshare_jax.compress.filecheck import digest
+from softshare_jax.compress.filecheck import DTYPES
+from softshare_jax.compress.filecheck import FORMAT
+from softshare_jax.compress.filecheck import FORMAT_VERSION
+from softshare_jax.compress.filecheck import Invalid
+from softshare_jax.compress.filecheck import Layout
+from softshare_jax.compress.filecheck import check_layout
+from softshare_jax.compress.filecheck import Leaf
+from softshare_jax.compress.filecheck import MAX_HEADER_BYTES
+from softshare_jax.compress.filecheck import METADATA_KEY
+from softshare_jax.compress.filecheck import ST_DTYPES
+from softshare_jax.compress.filecheck import ST_NAMES
+from softshare_jax.compress.filecheck import stored_dtype
+from softshare_jax.compress.filecheck import Tensor
+from softshare_jax.compress.quantized import check_quantized
+from softshare_jax.compress.quantized import is_qleaf
+from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.compress.hashing import hashed_leaf
 
 class QuantizedFileError(ValueError):
   """A file that :func:`load_quantized` cannot read: truncated, corrupted or foreign.
@@ -81,7 +81,7 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
   safetensors dtype, shape]`` and its bytes, every part preceded by its
   length as 8 little-endian bytes.
 
-  The file is written as :func:`softshare_jax._files.atomic_path` describes: a
+  The file is written as :func:`softshare_jax.files.atomic_path` describes: a
   temporary ``.<name>.softshare-tmp-*`` beside it, then a rename; through a
   symlink to its target; an existing file's permissions are kept; a missing
   folder raises ``FileNotFoundError``.
@@ -131,7 +131,7 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
     check_layout(data[8:8 + int.from_bytes(data[:8], "little")], len(data))
   except Invalid as e:
     raise ValueError(f"quantized cannot be saved: {e}") from None
-  _files.write_bytes_atomic(path, data)
+  files.write_bytes_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ tensor it declares is checked against the others and against the file's own
 length before anything is allocated; what is not stored (shapes, hashed
 leaves) is bounded by documented limits. :func:`digest` is the SHA-256 that
 covers the metadata and every tensor. Problems raise :class:`InvalidFile`,
-which ``_fileio`` turns into ``QuantizedFileError`` naming the file.
+which ``fileio`` turns into ``QuantizedFileError`` naming the file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterable, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from softshare_jax.compress._format import index_bits
+from softshare_jax.compress.quantized import index_bits
 
 FORMAT = "softshare_jax.quantized"
 FORMAT_VERSION = 2

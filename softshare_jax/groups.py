@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softshare_jax._checks import is_traced
+from softshare_jax.checks import is_traced
 
 Axis = Union[None, int, Sequence[int]]
 

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 
 from softshare_jax import masks
-from softshare_jax.compress._format import check_quantized
-from softshare_jax.compress._format import is_qleaf
-from softshare_jax.compress._format import Quantized
-from softshare_jax.compress._format import QuantizedLeaf
-from softshare_jax.mixture._model import check_finite_mixture
+from softshare_jax.compress.quantized import check_quantized
+from softshare_jax.compress.quantized import is_qleaf
+from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.mixture.model import check_finite_mixture
 
 _HUFFMAN_LENGTH_BITS = 8  # a canonical Huffman table sends one code length per symbol
 # Quality thresholds, from benchmarks/recipe.py (see compression_report's docstring).

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softshare_jax import _checks
-from softshare_jax.compress._format import index_bits
-from softshare_jax.compress._format import pack
-from softshare_jax.compress._format import Quantized
-from softshare_jax.compress._format import QuantizedLeaf
-from softshare_jax.compress._quantize import host_weights
-from softshare_jax.compress._quantize import map_masked
+from softshare_jax import checks
+from softshare_jax.compress.quantized import index_bits
+from softshare_jax.compress.quantized import pack
+from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.compress.quantizer import host_weights
+from softshare_jax.compress.quantizer import map_masked
 
 
 def hash_positions(size: int, seed: int, num_buckets: int) -> np.ndarray:
@@ -67,8 +67,8 @@ def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None
     >>> q.tree["w"].codebook.shape, ss.dequantize(q)["w"].sum()
     ((4,), Array(64., dtype=float32))
   """
-  _checks.check_int("num_buckets", num_buckets, high=2**31 - 1)
-  key = _checks.require_key("hash_clusters", key)
+  checks.check_int("num_buckets", num_buckets, high=2**31 - 1)
+  key = checks.require_key("hash_clusters", key)
 
   def one(i, path, leaf):
     w = host_weights(path, leaf).ravel()

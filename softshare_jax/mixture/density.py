@@ -7,8 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from softshare_jax.mixture._model import check_mixture
-from softshare_jax.mixture._model import Mixture
+from softshare_jax.mixture.model import check_mixture
+from softshare_jax.mixture.model import Mixture
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

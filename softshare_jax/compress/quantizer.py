@@ -12,14 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from softshare_jax import _checks
+from softshare_jax import checks
 from softshare_jax import masks
-from softshare_jax.compress._format import check_quantized
-from softshare_jax.compress._format import is_qleaf
-from softshare_jax.compress._format import leaf_from_values
-from softshare_jax.compress._format import Quantized
-from softshare_jax.mixture._model import check_finite_mixture
-from softshare_jax.mixture._model import Mixture
+from softshare_jax.compress.quantized import check_quantized
+from softshare_jax.compress.quantized import is_qleaf
+from softshare_jax.compress.quantized import leaf_from_values
+from softshare_jax.compress.quantized import Quantized
+from softshare_jax.mixture.model import check_finite_mixture
+from softshare_jax.mixture.model import Mixture
 
 _ASSIGNMENTS = ("map", "ml")
 # Weights × components per block when assigning components: one float64
@@ -125,7 +125,7 @@ def quantize(params: Any, mixture: Mixture | None, *, mask: Any = None,
     >>> q.tree["w"].codebook, ss.dequantize(q)["w"]
     (Array([-0.5,  0. ,  0.5], dtype=float32), Array([[-0.5,  0. ], [ 0.5,  0. ]], dtype=float32))
   """
-  _checks.check_choice("assignment", assignment, _ASSIGNMENTS)
+  checks.check_choice("assignment", assignment, _ASSIGNMENTS)
   mix = None
   if mixture is not None:
     check_finite_mixture(mixture)
