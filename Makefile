@@ -36,6 +36,12 @@ reproduce: $(STAMP)
 	$(PY) -m benchmarks.shuffled_filters
 	$(PY) -m benchmarks.recipe
 	$(PY) -m benchmarks.prox_strength
+	$(PY) -m benchmarks.generalization
+	$(PY) -m benchmarks.compressed_apply
+	$(PY) -m benchmarks.compress_channels
+	$(PY) -m benchmarks.compress_algorithms
+	$(PY) -m benchmarks.prox_leaves
+	$(PY) -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -229,3 +229,63 @@ def shift_data(splits: dict[str, int], seed: int = SPLIT_SEED,
       x, y = shift_patterns(rng, n, bits)
     data[split] = (x, y)
   return data
+
+
+# ----------------------------------------------------------------------------
+# Small regression sets (benchmarks/generalization.py).
+
+
+def mackey_glass(n: int, tau: int = 17, beta: float = 0.2, gamma: float = 0.1, power: int = 10,
+                 dt: float = 0.1, x0: float = 1.2, discard: int = 500) -> np.ndarray:
+  """``n`` unit-spaced samples of the Mackey-Glass series dx/dt = β x(t−τ)/(1 + x(t−τ)^p) − γ x(t).
+
+  Fourth-order Runge-Kutta with step ``dt`` (the delayed term held at its
+  grid value over a step), constant history ``x0``, the first ``discard``
+  time units dropped (the transient). τ = 17 gives the chaotic attractor of
+  Lapedes & Farber (1987) and Weigend et al. (1990). Deterministic.
+  """
+  per = int(round(1 / dt))
+  lag = int(round(tau / dt))
+  steps = (n + discard) * per
+  x = np.full(steps + lag + 1, x0, np.float64)
+
+  def f(xt, xd):
+    return beta * xd / (1.0 + xd**power) - gamma * xt
+
+  for i in range(lag, steps + lag):
+    xd = x[i - lag]
+    xt = x[i]
+    k1 = f(xt, xd)
+    k2 = f(xt + 0.5 * dt * k1, xd)
+    k3 = f(xt + 0.5 * dt * k2, xd)
+    k4 = f(xt + dt * k3, xd)
+    x[i + 1] = xt + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+  return x[lag + discard * per::per][:n]
+
+
+def lagged(series: np.ndarray, lags: tuple[int, ...], horizon: int) -> tuple[np.ndarray, np.ndarray]:
+  """Inputs x(t − l) for l in ``lags`` and the target x(t + horizon), for every t where all exist."""
+  first = max(lags)
+  t = np.arange(first, len(series) - horizon)
+  return np.stack([series[t - l] for l in lags], axis=1), series[t + horizon]
+
+
+def regression_splits(x: np.ndarray, y: np.ndarray, sizes: dict[str, int],
+                      seed: int = SPLIT_SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Disjoint random splits (name → size) of ``(x, y)``, standardized with the "train" split's mean and std.
+
+  Inputs per column and the target alike, so errors read in units of the
+  training target's variance. float32.
+  """
+  total = sum(sizes.values())
+  if total > len(y):
+    raise ValueError(f"the splits need {total} examples, the data has {len(y)}.")
+  order = np.random.default_rng(seed).permutation(len(y))
+  out, start = {}, 0
+  for name, size in sizes.items():
+    idx = order[start:start + size]
+    out[name] = (x[idx], y[idx])
+    start += size
+  xm, xs = out["train"][0].mean(0), out["train"][0].std(0) + 1e-12
+  ym, ys = out["train"][1].mean(), out["train"][1].std() + 1e-12
+  return {k: (((a - xm) / xs).astype(np.float32), ((b - ym) / ys).astype(np.float32)) for k, (a, b) in out.items()}

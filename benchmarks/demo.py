@@ -173,7 +173,9 @@ PNG = "demo_mixture.png"
 def mixture_optimizer() -> optax.GradientTransformation:
   """The mixture prior (16 components and the zero component), then Adam."""
   return optax.chain(
-      ss.mixture_prior(num_components=MIXTURE_COMPONENTS, strength=MIXTURE_STRENGTH),
+      # The flat precision priors this demo was tuned with (the default is now "auto").
+      ss.mixture_prior(num_components=MIXTURE_COMPONENTS, strength=MIXTURE_STRENGTH, precision_prior=None,
+                       zero_precision_prior=None),
       optax.adam(MIXTURE_LEARNING_RATE),
   )
 

@@ -31,7 +31,21 @@ the pipeline's and by ``jnp.sort``'s, on the same input in the same run. The
 error of each of our methods is max|ours − pipeline| / (max|x| + t), the
 pipeline computing in float64.
 
-Writes ``<out>/prox_speed_<backend>.json`` (backend = ``jax.default_backend()``).
+Two more sections, in every mode:
+
+* host kernel: ``isotonic.prox_rows_host`` called directly on one row (no JAX,
+  no callback) against the pipeline and ``np.sort`` at d = 1e6 (1e5 and 1e6 by
+  default, up to 1e7 with ``--full``), every input. The three calls are
+  interleaved, and each is also timed in thread CPU time
+  (``time.thread_time``: all three run on the calling thread), which other
+  processes on a busy machine move less than wall time.
+* device memory: ``jax.jit(isotonic.prox_rows_device).lower(x, t).compile()
+  .memory_analysis()`` for one float32 row of d = 1e5, 1e6 and 2^23 (a
+  (2048, 4096) kernel as one group): temporary bytes over the input's bytes.
+  Compile-time facts, the same on every run of one backend and JAX version.
+
+Writes ``<out>/prox_speed_<backend>.json`` (backend = ``jax.default_backend()``)
+with ``--full`` only; the other modes print.
 """
 
 from __future__ import annotations
@@ -55,6 +69,10 @@ from benchmarks import _common
 SIZES = (10**3, 10**4, 10**5, 10**6)
 FULL_SIZES = SIZES + (10**7,)
 QUICK_SIZES = (10**3, 10**4)
+HOST_SIZES = (10**5, 10**6)
+FULL_HOST_SIZES = HOST_SIZES + (10**7,)
+QUICK_HOST_SIZES = (10**6,)
+MEMORY_SIZES = (10**5, 10**6, 2**23)
 INPUTS = ("gaussian", "collapse", "chain", "ties")
 HARD_INPUTS = ("collapse", "chain", "ties")
 OUR_METHODS = ("host", "device", "auto")
@@ -263,6 +281,87 @@ def run(sizes, *, min_repeats, max_repeats, budget_s, progress=True):
   return rows
 
 
+def _interleaved(fns: dict, repeats: int) -> dict:
+  """Wall and thread-CPU seconds of each function, calls interleaved; medians and minima."""
+  for fn in fns.values():
+    fn()  # warm-up
+  wall = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      w0, c0 = time.perf_counter(), time.thread_time()
+      fn()
+      cpu[k].append(time.thread_time() - c0)
+      wall[k].append(time.perf_counter() - w0)
+  return {k: {"median_ms": float(np.median(wall[k])) * 1e3, "min_ms": min(wall[k]) * 1e3,
+              "cpu_median_ms": float(np.median(cpu[k])) * 1e3, "cpu_min_ms": min(cpu[k]) * 1e3,
+              "times_ms": [s * 1e3 for s in wall[k]], "cpu_times_ms": [s * 1e3 for s in cpu[k]]}
+          for k in fns}
+
+
+def host_rows(sizes, *, repeats: int) -> list[dict]:
+  """The C host kernel, called directly, against the pipeline and np.sort (see the docstring)."""
+  rows = []
+  for d in sizes:
+    for name in INPUTS:
+      x, t = make_input(name, d)
+      xr, tr = x[None], np.array([t])
+      fns = {
+          "pipeline": lambda: pipeline(x, t),
+          "np.sort": lambda: np.sort(x),
+          "host_kernel": lambda: isotonic.prox_rows_host(xr, tr),
+      }
+      res = _interleaved(fns, repeats)
+      err = float(np.abs(isotonic.prox_rows_host(xr, tr)[0].astype(np.float64) - pipeline(x, t)).max()
+                  / (float(np.abs(x).max()) + t))
+      for k, r in res.items():
+        rows.append(dict(
+            r, d=d, input=name, method=k,
+            ratio_to_pipeline=r["median_ms"] / res["pipeline"]["median_ms"],
+            cpu_ratio_to_pipeline=r["cpu_median_ms"] / res["pipeline"]["cpu_median_ms"],
+            cpu_ratio_to_np_sort=r["cpu_median_ms"] / res["np.sort"]["cpu_median_ms"],
+            **({"rel_err": err, "c_kernel": isotonic.host_kernel is not None} if k == "host_kernel" else {}),
+        ))
+  return rows
+
+
+def host_table(rows) -> str:
+  headers = ("d", "input", "method", "median ms", "cpu ms", "cpu /pipeline", "cpu /np.sort", "rel err")
+  lines = [(
+      f"{r['d']:.0e}", r["input"], r["method"], _common.fmt_ms(r["median_ms"] / 1e3),
+      _common.fmt_ms(r["cpu_median_ms"] / 1e3), _common.fmt_ratio(r["cpu_ratio_to_pipeline"]),
+      _common.fmt_ratio(r["cpu_ratio_to_np_sort"]), f"{r['rel_err']:.1e}" if "rel_err" in r else "",
+  ) for r in rows]
+  return _common.format_table(headers, lines, align="><<>>>>>")
+
+
+def memory_rows(sizes) -> list[dict]:
+  """Compiled memory of the device kernel on one float32 row of each size."""
+  rows = []
+  for d in sizes:
+    x = jax.ShapeDtypeStruct((1, d), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    start = time.perf_counter()
+    mem = jax.jit(isotonic.prox_rows_device).lower(x, t).compile().memory_analysis()
+    compile_s = time.perf_counter() - start
+    input_bytes = d * 4
+    rows.append({
+        "d": d,
+        "input_bytes": input_bytes,
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_over_input": mem.temp_size_in_bytes / input_bytes,
+        "compile_s": compile_s,
+    })
+  return rows
+
+
+def memory_table(rows) -> str:
+  lines = [(f"{r['d']:.3g}", f"{r['input_bytes'] / 2**20:.1f}", f"{r['temp_bytes'] / 2**20:.1f}",
+            f"{r['temp_over_input']:.1f}", f"{r['compile_s']:.1f}") for r in rows]
+  return _common.format_table(("d", "input MiB", "temp MiB", "temp / input", "compile s"), lines, align=">>>>>")
+
+
 def table(rows) -> str:
   headers = ("d", "input", "method", "median ms", "/pipeline", "/jnp.sort", "rel err", "distinct", "compile s", "note")
   lines = []
@@ -307,23 +406,28 @@ def cases_table(rows) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.prox_speed", description=__doc__.split("\n")[0])
   mode = parser.add_mutually_exclusive_group()
-  mode.add_argument("--full", action="store_true", help="add d = 1e7")
-  mode.add_argument("--quick", action="store_true", help="d in {1e3, 1e4}, few repeats (smoke test)")
+  mode.add_argument("--full", action="store_true", help="add d = 1e7 and write the JSON")
+  mode.add_argument("--quick", action="store_true",
+                    help="d in {1e3, 1e4}, host kernel at 1e6, few repeats (smoke test)")
   parser.add_argument("--out", default=_common.RESULTS_DIR, help="directory for the JSON (default: %(default)s)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
 
   if args.quick:
     mode_name, sizes, reps = "quick", QUICK_SIZES, dict(min_repeats=2, max_repeats=3, budget_s=0.2)
+    host_sizes, host_repeats = QUICK_HOST_SIZES, 5
   else:
     mode_name = "full" if args.full else "default"
     sizes = FULL_SIZES if args.full else SIZES
     reps = dict(min_repeats=3, max_repeats=15, budget_s=1.5)
+    host_sizes, host_repeats = (FULL_HOST_SIZES if args.full else HOST_SIZES), 9
 
   backend = jax.default_backend()
   recorder = _common.Recorder("prox_speed", ("tqdm",))
   machine = recorder.machine
   rows = run(sizes, progress=not args.no_progress, **reps)
+  hrows = host_rows(host_sizes, repeats=host_repeats)
+  mrows = memory_rows(MEMORY_SIZES)
   elapsed = recorder.stop()
 
   print(f"prox_weight_sharing speed, backend={backend}, mode={mode_name}, {elapsed:.0f} s")
@@ -343,6 +447,15 @@ def main(argv=None) -> int:
       "float64; device method path: whether the device kernel's float32 pooling "
       f"({isotonic.POOLING_ROUNDS} rounds) settles the input or its bounded-depth pass runs."
   )
+  print(f"\nHost kernel called directly (C kernel built: {isotonic.host_kernel is not None}), "
+        f"{host_repeats} interleaved calls each:\n")
+  print(host_table(hrows))
+  print("\ncpu ms: median thread CPU time of one call; cpu /pipeline, cpu /np.sort: over theirs, same input, same run.")
+  print("\nDevice kernel memory (one float32 row, compiled on this backend):\n")
+  print(memory_table(mrows))
+  if not args.full:
+    print(f"\n{mode_name} mode: nothing written (the JSON is written with --full only).")
+    return 0
 
   path = recorder.write(args.out, {
       "loadavg_after_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -381,10 +494,17 @@ def main(argv=None) -> int:
           "distinct": "distinct values in our method's output (sharing_stats counts these)",
           "clusters": "distinct values of the float64 pipeline's prox",
           "device_path": "from the device kernel's own pooling phase, jitted on this backend (diagnostic)",
+          "host_rows": "isotonic.prox_rows_host(x[None], [t]) called directly, against pipeline and np.sort; "
+                       f"{host_repeats} interleaved calls after one warm-up; wall (perf_counter) and "
+                       "thread CPU (thread_time) medians; ratios of medians, same input, same run",
+          "memory_rows": "jax.jit(isotonic.prox_rows_device).lower((1, d) f32, (1,) f32).compile()"
+                         ".memory_analysis(): temp_size_in_bytes / (4 d)",
           "seed": SEED,
           "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")},
       },
       "rows": rows,
+      "host_rows": hrows,
+      "memory_rows": mrows,
   }, name=f"prox_speed_{backend}")
   print(f"\nwrote {path} ({elapsed:.0f} s)")
   return 0

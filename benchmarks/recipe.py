@@ -80,8 +80,10 @@ def recipe(strength: float, zero_weight: float = ZERO_WEIGHT, gradient: bool = F
 
 
 def old_notebook_setting() -> optax.GradientTransformation:
-  """Notebook 01's setting before the recipe: the default prior (gradient updates) at 3e-5, Adam 3e-3."""
-  return optax.chain(ss.mixture_prior(COMPONENTS, OLD_NOTEBOOK["strength"]), optax.adam(OLD_NOTEBOOK["learning_rate"]))
+  """Notebook 01's setting before the recipe: the then-default prior (gradient, flat priors) at 3e-5, Adam 3e-3."""
+  return optax.chain(ss.mixture_prior(COMPONENTS, OLD_NOTEBOOK["strength"], precision_prior=None,
+                                      zero_precision_prior=None),
+                     optax.adam(OLD_NOTEBOOK["learning_rate"]))
 
 
 @dataclasses.dataclass(frozen=True)

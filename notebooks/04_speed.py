@@ -5,14 +5,16 @@
 # `benchmarks/results/` and plots them; nothing is timed here. Files:
 #
 # * `prox_speed_{cpu,gpu}.json` — `ss.prox_weight_sharing` on one group of d weights (d up to $10^7$),
-#   its `"host"` (NumPy/SciPy callback), `"device"` (pure JAX) and `"auto"` methods, against a NumPy/SciPy
+#   its `"host"` (the C kernel on the host), `"device"` (pure JAX) and `"auto"` methods, against a NumPy/SciPy
 #   float64 pipeline (sort + isotonic regression) and plain sorting, on four inputs;
 # * `prior_overhead_{cpu,gpu}.json` — the cost of one Adam step with `ss.mixture_prior` against Adam alone and a
 #   naive (unchunked) implementation, time and extra memory;
 # * `tying.json` — two related regression tasks trained separately, soft-tied (`ss.soft_tie`) or hard-tied
 #   (`ss.hard_tie`);
 # * optionally `shift_detection.json` (Nowlan & Hinton 1992's shift-detection experiment),
-#   `shuffled_filters.json` (Shakerinava et al. 2024) and `compress_mnist.json`, when present.
+#   `shuffled_filters.json` (Shakerinava et al. 2024) and `compress_mnist.json`, when present;
+# * `scale.json` — every transform's step from $10^5$ to $10^8$ params on 1 and 8 devices, and compression at
+#   model size (`benchmarks/scale.py`), when present.
 
 # %%
 # %matplotlib inline
@@ -214,6 +216,37 @@ else:
     print("compress_mnist.json not found")
 
 # %% [markdown]
+# ## 5. Scale (`benchmarks/scale.py`)
+#
+# One jitted training step per transform, from $10^5$ to $10^8$ params, on one device and FSDP-sharded over
+# eight (each kernel split along its columns), and the compression pipeline at $3.4 \times 10^7$ weights.
+# Left: step time over Adam alone's on the same params. Right: the compiled step's temporary bytes per device
+# over the device's own param bytes (the goal is at most 4, the grey line). On a CPU host the eight devices
+# share its cores, so the 8-device times show the cost of the collectives, not a speed-up.
+
+# %%
+scale = load("scale.json")
+if scale and scale.get("steps"):
+    import sys
+    sys.path.insert(0, root)
+    from benchmarks.scale import draw                  # the benchmark's own figure
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    draw(scale["steps"], axes)
+    plt.tight_layout(); plt.show()
+    print(f"{'transform':<18} {'n':>7} {'dev':>3} {'leaves':>6} {'x adam':>8} {'temp/params':>11} {'max moved/leaf':>14}")
+    for r in scale["steps"]:
+        print(f"{r['transform']:<18} {r['n']:7.0e} {r['devices']:3d} {r['leaves']:6d} {r['ratio_to_adam']:8.2f} "
+              f"{r['temp_over_device_params']:11.2f} {r['largest_collective_over_leaf']:14.3f}")
+    c = scale.get("compress")
+    if c:
+        w = c["warm"]
+        print(f"\ncompression of {c['weights']:.2e} weights (warm): pipeline {w['pipeline_ratio_to_sort']:.1f}x np.sort, "
+              f"cluster_weights {w['ratio_to_sort']['cluster_weights']:.1f}x, extra peak "
+              f"{w['pipeline_extra_peak_over_params']:.2f}x the params")
+else:
+    print("scale.json not found")
+
+# %% [markdown]
 # ## What the output shows
 #
 # * **Prox speed**: the printed table gives, for the largest group, each method's median time and its ratio to the
@@ -228,5 +261,8 @@ else:
 #   a small share of the whole training step, which also runs the forward and backward passes.
 # * **Tying**: which method has the lowest test loss for each relatedness δ is printed; tying helps when the tasks
 #   are related and the soft tie can relax when they are not.
+# * **Scale**: the table lists every step row; `max moved/leaf` is the largest array any collective of the step
+#   moves, as a fraction of a leaf (1.0: a whole leaf gathered); the compression line gives the pipeline's cost in
+#   sorts of the same weights.
 # * **Reproductions**: for the experiments whose results exist, the bars compare this package's runs with the
 #   papers' numbers (shift detection) or the models of the shuffled-inputs experiment; all numbers are printed.

@@ -15,6 +15,7 @@ The layers, each importing only those before it (docs/design.md §2):
 """
 
 from softshare_jax.compress import cluster_weights
+from softshare_jax.compress import compressed_apply
 from softshare_jax.compress import compression_report
 from softshare_jax.compress import CompressionReport
 from softshare_jax.compress import dequantize
@@ -33,6 +34,7 @@ from softshare_jax.mixture import init_mixture
 from softshare_jax.mixture import merge_components
 from softshare_jax.mixture import Mixture
 from softshare_jax.mixture import mixture_log_prob
+from softshare_jax.mixture import mixture_penalty
 from softshare_jax.mixture import responsibilities
 from softshare_jax.prior import get_mixture
 from softshare_jax.prior import mixture_adam
@@ -69,6 +71,7 @@ __all__ = [
     "SoftTieState",
     "WeightSharingProxState",
     "cluster_weights",
+    "compressed_apply",
     "compression_report",
     "dequantize",
     "em_step",
@@ -81,6 +84,7 @@ __all__ = [
     "merge_components",
     "mixture_adam",
     "mixture_log_prob",
+    "mixture_penalty",
     "mixture_prior",
     "prox_weight_sharing",
     "quantize",

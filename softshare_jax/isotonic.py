@@ -35,8 +35,14 @@ Two kernels:
   Shakerinava et al. 2024: merge fitted halves by the bridge of their convex
   minorants) finishes in O(log³ d) parallel depth whatever the input. It works
   in the dtype of ``x`` (float64 when ``x`` is, under ``jax_enable_x64``).
-* :func:`prox_rows_host` runs on the host in float64: a small C kernel (radix
-  sort, then linear-time pool adjacent violators) built at install time, or,
+  Its compiled working memory is about 7x its input (one float32 row of
+  2^20 or 2^23 on CPU; ``benchmarks/prox_speed.py`` prints it): the prefix
+  sums are built a column at a time in place, and neither the permutation
+  nor the sorted row is kept through the fit (both are sorted for again).
+* :func:`prox_rows_host` (in :mod:`softshare_jax.isotonic_host`, re-exported
+  here) runs on the host in float64: a small C kernel (LSD
+  radix sort of the float keys with their indices, 3 passes for float32, then
+  linear-time pool adjacent violators) built at install time, or,
   without a compiler, :func:`prox_rows_numpy` (a NumPy sort and SciPy's
   pool-adjacent-violators). It takes float32 or float64 rows and returns their
   dtype.
@@ -53,14 +59,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from scipy import optimize as _sp_optimize
 
-try:  # The C host kernel, built at install time when a compiler is there.
-  from softshare_jax import hostprox as host_kernel
-except ImportError:  # pragma: no cover - depends on the build.
-  host_kernel = None
+# The host kernels live in their own module; they are part of this module's API.
+from softshare_jax.isotonic_host import host_kernel  # noqa: F401
+from softshare_jax.isotonic_host import prox_rows_host  # noqa: F401
+from softshare_jax.isotonic_host import prox_rows_numpy  # noqa: F401
 
 # Pooling rounds before the bounded-depth pass takes over. Gaussian weights with
 # a training-sized step settle in a handful; adversarial chains never would.
@@ -105,26 +109,45 @@ def _inclusive_scan(hi, lo):
 _BLOCK = 128
 
 
+def _columns(zp, init, body):
+  """Runs ``body(j, column j of zp, carry)`` over the last axis of ``zp``, one column at a time."""
+  return lax.fori_loop(
+      0, zp.shape[-1], lambda j, c: body(j, lax.dynamic_index_in_dim(zp, j, zp.ndim - 1, keepdims=False), c), init
+  )
+
+
 def prefix_sums(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Exclusive double-float prefix sums of ``z`` along its last axis.
 
-  Returns ``(hi, lo)`` of shape ``(..., d + 1)`` with ``hi[..., 0] == 0`` and
-  ``hi[..., k] + lo[..., k] ≈ Σ_{j<k} z[..., j]`` to about 2⁻⁴⁸ relative.
-  Two levels (within blocks of 128, then across blocks) keep the work near
-  8 passes over ``z`` and the program small.
+  Returns ``(hi, lo)`` of shape ``(..., n)`` for some ``n > d`` with
+  ``hi[..., 0] == 0`` and ``hi[..., k] + lo[..., k] ≈ Σ_{j<min(k, d)} z[..., j]``
+  to about 2⁻⁴⁸ relative. Two levels over blocks of 128: the block totals,
+  their scan across blocks, then the sums within each block from its offset.
+  Memory: the block levels run one column at a time and write in place (a
+  log-depth scan of the whole row would keep a (hi, lo) pair alive per pass),
+  and the padding makes room for index d, so that no copy of the result is
+  needed.
   """
   d = z.shape[-1]
-  nb = -(-d // _BLOCK)
+  nb = d // _BLOCK + 1  # at least one padding entry, which holds the total
   zp = jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, nb * _BLOCK - d)])
   zp = zp.reshape(*z.shape[:-1], nb, _BLOCK)
-  hi, lo = _inclusive_scan(zp, jnp.zeros_like(zp))
-  bh, bl = _inclusive_scan(hi[..., -1], lo[..., -1])
-  bh, bl = _shift_right(bh, 1)[..., None], _shift_right(bl, 1)[..., None]
-  hi, lo = _df_add((bh, bl), (hi, lo))
-  hi = hi.reshape(*z.shape[:-1], nb * _BLOCK)[..., :d]
-  lo = lo.reshape(*z.shape[:-1], nb * _BLOCK)[..., :d]
-  pad = [(0, 0)] * (z.ndim - 1) + [(1, 0)]
-  return jnp.pad(hi, pad), jnp.pad(lo, pad)
+  zero = jnp.zeros(zp.shape[:-1], z.dtype)
+
+  def add(j, col, run):
+    return _df_add(run, (col, jnp.zeros_like(col)))
+
+  bh, bl = _inclusive_scan(*_columns(zp, (zero, zero), add))
+  run = (_shift_right(bh, 1), _shift_right(bl, 1))
+
+  def write(j, col, carry):
+    hi, lo, rh, rl = carry
+    hi = lax.dynamic_update_index_in_dim(hi, rh, j, zp.ndim - 1)
+    lo = lax.dynamic_update_index_in_dim(lo, rl, j, zp.ndim - 1)
+    return (hi, lo, *_df_add((rh, rl), (col, jnp.zeros_like(col))))
+
+  hi, lo, _, _ = _columns(zp, (jnp.zeros_like(zp), jnp.zeros_like(zp), *run), write)
+  return hi.reshape(*z.shape[:-1], nb * _BLOCK), lo.reshape(*z.shape[:-1], nb * _BLOCK)
 
 
 def _take(a, idx):
@@ -180,23 +203,26 @@ def pool(seg: Segments, v: jax.Array, rounds: int) -> tuple[jax.Array, jax.Array
   Runs at most ``rounds`` rounds (fewer when no violation is left) from the
   singleton blocks of ``v``; returns the fit and each element's block start.
   """
-  k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
 
   def cond(carry):
     y, st, i = carry
     return (i < rounds) & jnp.any(violations(y, st))
 
   def body(carry):
+    # The iota is made here, not closed over: a (rows, d) constant from
+    # outside would be carried through the loop as one more array.
     y, st, i = carry
+    k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
     keep = (st == k) & ~violations(y, st)
     st, y = _refit(seg, keep)
     return y, st, i + 1
 
+  k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
   y, st, _ = lax.while_loop(cond, body, (v, k, jnp.int32(0)))
   return y, st
 
 
-def _divide_and_conquer(seg, v):
+def _divide_and_conquer(seg, v, st=None, run=None):
   """Bounded-depth isotonic fit: ceil(log2 d) levels of bridge merges.
 
   At level l the row is cut into segments of 2^l whose halves are already
@@ -207,56 +233,100 @@ def _divide_and_conquer(seg, v):
   element p finds its tangent q(p) to the right hull by binary search; the
   bridge starts at the first p whose tangent is not steeper than the hull
   leaving p. Depth O(log² d) in all, work O(d log² d).
+
+  With ``st`` and ``run`` given, the fit ``(v, st)`` is kept as it is where
+  ``run`` is False (only its blocks are refitted) and ``st`` must then be the
+  singletons where it is True.
+
+  Memory: the loops carry only the fit (y, st) and the search position; the
+  segment geometry is recomputed from an iota wherever it is used, so that no
+  loop keeps a (rows, d) array of it alive.
   """
-  rows, d = v.shape
-  k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
-  row_base = lax.broadcasted_iota(jnp.int32, v.shape, 0) * d
+  d = v.shape[1]
   levels = max(1, math.ceil(math.log2(d)))
+
+  def geometry(level):
+    k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
+    start = jnp.left_shift(jnp.right_shift(k, level), level)
+    mid = jnp.minimum(start + jnp.left_shift(1, level - 1), d)
+    end = jnp.minimum(start + jnp.left_shift(1, level), d)
+    return k, start, mid, end
+
+  def height(y, st, own, end, q):
+    # H(q) − H(own): the right half's hull at q above a block start `own`
+    # (the block start of k, or of the bridge's first element).
+    at_end = q >= end
+    qc = jnp.minimum(q, d - 1)
+    stq = jnp.where(at_end, end, _take(st, qc))
+    return seg.sum(own, stq) + jnp.where(at_end, 0.0, (q - stq).astype(v.dtype) * _take(y, qc))
+
+  def slope(y, st, own, k, end, q):
+    offset = (k - own).astype(v.dtype) * y
+    return (height(y, st, own, end, q) - offset) / jnp.maximum(q - k, 1).astype(v.dtype)
 
   def level_step(level, carry):
     y, st = carry
-    size = jnp.left_shift(1, level)
-    start = jnp.left_shift(jnp.right_shift(k, level), level)
-    mid = jnp.minimum(start + size // 2, d)
-    end = jnp.minimum(start + size, d)
+    _, _, mid, end = geometry(level)
     last = jnp.minimum(mid, d - 1)
     active = (mid < end) & (_take(y, mid - 1) > _take(y, last))
-    left = k < mid
-
-    def height(q):
-      # H(q) − H(st(k)): the right half's hull at q above the block start of k.
-      at_end = q >= end
-      qc = jnp.minimum(q, d - 1)
-      stq = jnp.where(at_end, end, _take(st, qc))
-      return seg.sum(st, stq) + jnp.where(at_end, 0.0, (q - stq).astype(v.dtype) * _take(y, qc))
-
-    def slope(q):
-      offset = (k - st).astype(v.dtype) * y
-      return (height(q) - offset) / jnp.maximum(q - k, 1).astype(v.dtype)
-
-    def search(_, bounds):
-      lo, hi = bounds
-      q = (lo + hi) // 2
-      touches = (q >= end) | (_take(y, jnp.minimum(q, d - 1)) >= slope(q))
-      live = lo < hi
-      return jnp.where(live & ~touches, q + 1, lo), jnp.where(live & touches, q, hi)
 
     def merge(carry):
       y, st = carry
-      q, _ = lax.fori_loop(0, level + 1, search, (mid, end))
-      bridge = left & active & (slope(q) <= y)
-      first = jax.ops.segment_min(
-          jnp.where(bridge, k, d).ravel(), (row_base + start).ravel(), rows * d
-      )[(row_base + start).ravel()].reshape(v.shape)
-      first = jnp.minimum(first, d - 1)
-      mean = height(q) / jnp.maximum(q - st, 1).astype(v.dtype)
-      p_start, p_q, p_mean = _take(st, first), _take(q, first), _take(mean, first)
-      merged = active & (first < mid) & (k >= p_start) & (k < end) & (st < p_q)
-      return jnp.where(merged, p_mean, y), jnp.where(merged, p_start, st)
+
+      def search(j, pos):
+        # Branchless binary search for the first q in [mid, end] that touches
+        # the right hull: only the position is carried, the steps halve.
+        k, _, _, end = geometry(level)
+        # st, end and k through a no-op that depends on j: XLA would hoist
+        # everything computed from them alone out of the loop and keep it
+        # alive as (rows, d) arrays; recomputing it is cheaper than memory.
+        st_j, end_j, k_j = (jnp.minimum(a, d + j) for a in (st, end, k))
+        cand = pos + jnp.left_shift(1, level - 1 - j)
+        q = jnp.minimum(cand, end_j)
+        touches = (q >= end_j) | (_take(y, jnp.minimum(q, d - 1)) >= slope(y, st, st_j, k_j, end_j, q))
+        return jnp.where((cand < end) & ~touches, cand, pos)
+
+      pos = lax.fori_loop(0, level, search, geometry(level)[2] - 1)
+      k, start, mid, end = geometry(level)
+      q = pos + 1
+      last = jnp.minimum(mid, d - 1)
+      active = (mid < end) & (_take(y, mid - 1) > _take(y, last))
+      bridge = (k < mid) & active & (slope(y, st, st, k, end, q) <= y)
+      # The bridge's first element per segment, by a suffix minimum that
+      # doubles its reach each step within the aligned segment: one (rows, d)
+      # array in flight, where a segment_min would scatter to a fresh one
+      # through materialized indices and gather back.
+      def reach(j, f):
+        kk = lax.broadcasted_iota(jnp.int32, v.shape, 1)
+        far = kk + jnp.left_shift(1, j)
+        inside = (far < d) & (jnp.right_shift(far, level) == jnp.right_shift(kk, level))
+        return jnp.where(inside, jnp.minimum(f, _take(f, jnp.minimum(far, d - 1))), f)
+
+      f = lax.fori_loop(0, level, reach, jnp.where(bridge, k, d))
+
+      def bridge_block(salt):
+        # The bridge's block, from its first element p alone: gathers from
+        # st, the search position and the prefix sums. The salt (always 0)
+        # differs per use, so that XLA recomputes these gathers inside each
+        # fusion below instead of keeping them as (rows, d) arrays. A bridge
+        # exists only in an active segment, so `active` is not needed here.
+        first = jnp.minimum(_take(f, jnp.minimum(start, d + salt)), d - 1)
+        p_start, p_q = _take(st, first), _take(pos, first) + 1
+        return (first < mid) & (k >= p_start) & (k < end) & (st < p_q), p_start, p_q
+
+      merged, p_start, p_q = bridge_block(0)
+      p_mean = height(y, st, p_start, end, p_q) / jnp.maximum(p_q - p_start, 1).astype(v.dtype)
+      y = jnp.where(merged, p_mean, y)
+      # The new starts after the new fit (the salt depends on it), so that the
+      # old fit is dead by then.
+      merged, p_start, _ = bridge_block((y[:, :1] != y[:, :1]).astype(jnp.int32))
+      return y, jnp.where(merged, p_start, st)
 
     return lax.cond(jnp.any(active), merge, lambda c: c, (y, st))
 
-  y, st = lax.fori_loop(1, levels + 1, level_step, (v, k))
+  k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
+  top = levels + 1 if run is None else jnp.where(run, levels + 1, 1)
+  y, st = lax.fori_loop(1, top, level_step, (v, k if st is None else st))
   # One exact refit per block makes every member of a block bit-identical.
   _, y = _refit(seg, st == k)
   return y
@@ -268,10 +338,17 @@ def ramp(d: int, a: jax.Array) -> jax.Array:
   return a[:, None] * (2.0 * k - (d + 1))
 
 
-def _fit(seg: Segments, v: jax.Array, rounds: int) -> jax.Array:
+def _fit(seg: Segments, v: jax.Array, rounds: int, again=None) -> jax.Array:
+  """Pooling, then the bounded-depth pass from ``v`` (or from ``again()``, which
+  recomputes it, so that ``v`` need not stay alive through the pooling)."""
   y, st = pool(seg, v, rounds)
   done = ~jnp.any(violations(y, st))
-  return lax.cond(done, lambda: y, lambda: _divide_and_conquer(seg, v))
+  # No conditional around the bounded-depth pass: its operand, the pooled
+  # fit, would stay alive through the whole pass. The pass runs no level when
+  # the pooling settled, and starts from the singletons of v otherwise.
+  y = lax.cond(done, lambda: y, (lambda: v) if again is None else again)
+  st = jnp.where(done, st, lax.broadcasted_iota(jnp.int32, v.shape, 1))
+  return _divide_and_conquer(seg, y, st, ~done)
 
 
 def isotonic_fit_sorted(z: jax.Array, a: jax.Array, *, rounds: int = POOLING_ROUNDS) -> jax.Array:
@@ -319,139 +396,39 @@ def prox_rows_device(x: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.where(valid[:, None], x, jnp.nan)
   finite = jnp.all(jnp.isfinite(x), axis=1)
   # Non-finite rows are answered NaN below; zeros keep them out of the sums.
-  iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  z, perm = lax.sort((jnp.where(finite[:, None], x, 0), iota), dimension=1, num_keys=1)
-  spread = z[:, -1] - z[:, 0]
+  # Memory (docs/design.md §6): the permutation is not kept through the fit
+  # but found again by a second sort at the end, and the sorted row lives
+  # only until its prefix sums and the pooling's first iterate are taken (the
+  # bounded-depth pass sorts again). Those later sorts take x itself: rows
+  # that hold a NaN or an infinity are answered NaN whatever they compute, and
+  # every step of the fit keeps rows apart.
+  xf = jnp.where(finite[:, None], x, 0)
+  z = lax.sort(xf, dimension=1)
+  # Reductions of x, not the ends of z: XLA fuses a slice of z into the last
+  # select, which keeps the whole sorted row alive to the end.
+  spread = jnp.max(xf, axis=1) - jnp.min(xf, axis=1)
   collapse = t >= spread * _COLLAPSE
   # Rows answered without the fit run it with t = 0, which settles at once.
   a = jnp.where(valid & ~collapse, t, 0) / (d - 1)
   seg = Segments(z, a)
-  y = _fit(seg, z - ramp(d, a), POOLING_ROUNDS)
+  y = _fit(seg, z - ramp(d, a), POOLING_ROUNDS, lambda: lax.sort(x, dimension=1) - ramp(d, a))
   ends = (jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), d, jnp.int32))
+  y = jnp.where(collapse[:, None], seg.mean(*ends), y)
+  # The sort for the permutation must come after the fit: scheduled first (as
+  # XLA does, optimization barriers are gone by scheduling), it keeps the
+  # permutation alive through the whole fit. Its indices depend on y through
+  # a no-op XLA cannot see through. The scatter writes every entry, so it
+  # goes into the sorted keys, dead by then, rather than into a fresh buffer.
+  late = (y[:, :1] != y[:, :1]).astype(jnp.int32)
+  iota = jnp.minimum(lax.broadcasted_iota(jnp.int32, x.shape, 1), d + late)
+  keys, perm = lax.sort((x, iota), dimension=1, num_keys=1)
+  if x.size < 2**31:
+    # One flat index per element: a (row, column) pair takes twice the memory.
+    flat = (perm + lax.broadcasted_iota(jnp.int32, x.shape, 0) * d).ravel()
+    out = keys.ravel().at[flat].set(y.ravel(), unique_indices=True).reshape(x.shape)
+  else:
+    r = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    out = keys.at[r, perm].set(y, unique_indices=True, indices_are_sorted=False)
   # All-equal rows keep their values: d · z / d need not round back to z.
-  mean = jnp.where((spread == 0)[:, None], z, seg.mean(*ends))
-  y = jnp.where(collapse[:, None], mean, y)
-  r = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  out = jnp.zeros_like(y).at[r, perm].set(y, unique_indices=True, indices_are_sorted=False)
+  out = jnp.where((spread == 0)[:, None], x, out)
   return jnp.where(keep, x, jnp.where((valid & finite)[:, None], out, jnp.nan))
-
-
-# ----------------------------------------------------------------------------
-# Host kernel.
-
-
-def _sort_keys(x: np.ndarray) -> np.ndarray:
-  """uint64 keys whose order is the float order of ``x``, index in the low half.
-
-  One SIMD sort of these keys replaces an argsort (several times faster in
-  NumPy), and the sorted values decode from the keys without a gather.
-  """
-  bits = x.view(np.int32)
-  # Negative floats: flip every bit; others: flip the sign bit.
-  flip = bits >> 31
-  flip |= np.int32(-(2**31))
-  flip ^= bits
-  keys = np.empty(x.shape, dtype=np.uint64)
-  halves = keys.view(np.uint32).reshape(*x.shape, 2)  # little-endian: low, high
-  halves[..., 0] = np.arange(x.shape[-1], dtype=np.uint32)
-  halves[..., 1] = flip.view(np.uint32)
-  return keys
-
-
-def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  halves = keys.view(np.uint32).reshape(*keys.shape, 2)
-  hi = halves[..., 1].view(np.int32)
-  flip = hi >> 31
-  np.invert(flip, out=flip)
-  flip |= np.int32(-(2**31))
-  flip ^= hi
-  return flip.view(np.float32), halves[..., 0].astype(np.intp)
-
-
-def prox_rows_host(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-  """Prox of ``t · R`` on every row of ``x`` on the host (float64 inside).
-
-  ``x`` is ``(..., d)`` float32 or float64 (other dtypes are read as float32)
-  and ``t`` broadcasts to ``x.shape[:-1]``; the result has the dtype of ``x``
-  and the row-by-row contract of the module. Uses the C kernel (radix sort +
-  pool adjacent violators, one pass each) when it was built, else
-  :func:`prox_rows_numpy`.
-
-  Example:
-    >>> import numpy as np
-    >>> from softshare_jax import isotonic
-    >>> isotonic.prox_rows_host(np.array([[0.0, 0.05, 1.0], [1.0, np.inf, 2.0]]), 0.1)
-    array([[0.075, 0.075, 0.9  ],
-           [  nan,   nan,   nan]])
-  """
-  if host_kernel is None:
-    return prox_rows_numpy(x, t)
-  x = _host_array(x)
-  t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape[:-1]))
-  out = np.empty_like(x)
-  if x.size:
-    host_kernel.prox_rows(x, t, x.shape[-1], out, x.dtype == np.float64)
-  return out
-
-
-def _host_array(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x)
-  return np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
-
-
-def prox_rows_numpy(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-  """:func:`prox_rows_host` in NumPy/SciPy: the fallback without the C kernel.
-
-  Same contract, row by row. Each row that needs a fit gets its own call of
-  SciPy's pool-adjacent-violators (about 10 µs each): stacking rows into one
-  call would need lifting each above the last, which costs a row the bits of
-  every row below it.
-
-  Example:
-    >>> import numpy as np
-    >>> from softshare_jax import isotonic
-    >>> isotonic.prox_rows_numpy(np.array([[0.0, 0.05, 1.0], [1.0, np.nan, 2.0]]), 0.1)
-    array([[0.075, 0.075, 0.9  ],
-           [  nan,   nan,   nan]])
-  """
-  x = _host_array(x)
-  shape, d = x.shape, x.shape[-1]
-  rows = x.reshape(math.prod(shape[:-1]), d)
-  t = np.broadcast_to(np.asarray(t, dtype=np.float64), shape[:-1]).reshape(-1)
-  out = np.full_like(rows, np.nan)
-  with np.errstate(invalid="ignore"):
-    valid = t >= 0
-  keep = (t == 0) | (valid & (d == 1))
-  out[keep] = rows[keep]
-  work = np.flatnonzero(valid & ~keep & np.isfinite(rows).all(axis=1))
-  if work.size == 0 or d == 0:
-    return out.reshape(shape)
-  z, perm = _sort_rows(rows[work])
-  spread = z[:, -1] - z[:, 0]
-  # One cluster once t >= (max − min)(d − 1)/d (docs/design.md §4.2).
-  collapse = t[work] >= spread
-  fit = np.repeat(z.mean(axis=1, keepdims=True), d, axis=1)
-  fit[spread == 0] = z[spread == 0]  # all-equal rows keep their values
-  todo = np.flatnonzero(~collapse)
-  if todo.size:
-    fit[todo] = _isotonic_rows(z[todo] - (t[work][todo] / (d - 1))[:, None] * np.arange(1 - d, d, 2))
-  unsorted = np.empty_like(fit)
-  np.put_along_axis(unsorted, perm, fit, axis=1)
-  out[work] = unsorted
-  return out.reshape(shape)
-
-
-def _sort_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Each row sorted ascending, in float64, and the permutation that sorts it."""
-  if rows.dtype == np.float32:
-    keys = _sort_keys(rows)
-    keys.sort(axis=-1)
-    z, perm = _decode(keys)
-    return z.astype(np.float64), perm
-  perm = np.argsort(rows, axis=-1, kind="stable")
-  return np.take_along_axis(rows, perm, axis=-1), perm
-
-
-def _isotonic_rows(v: np.ndarray) -> np.ndarray:
-  """The non-decreasing fit of every row of ``v`` (finite float64), one row at a time."""
-  return np.stack([_sp_optimize.isotonic_regression(row).x for row in v])

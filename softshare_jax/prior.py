@@ -6,8 +6,9 @@ It is wiring: the arguments become a frozen :class:`_PriorConfig`, and each
 step is three short pure functions over the mixture math of
 :mod:`softshare_jax.mixture` (docs/design.md §4.1):
 
-1. :func:`_accumulate`: one chunked pass per masked leaf gives the weights'
-   gradient and the mixture's sufficient statistics;
+1. :func:`_accumulate`: one pass over all masked leaves (shape-keeping blocks,
+   so sharded leaves stay on their devices) gives the weights' gradient and
+   the mixture's sufficient statistics;
 2. :func:`_em_update` or :func:`_gradient_update`: the mixture moves from the
    statistics alone.
 """
@@ -154,35 +155,38 @@ def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
   """Adds ``s · ∂/∂w [−log p(w)]`` to the masked updates; sums the statistics.
 
   Returns the new updates, the statistics of all masked weights, and whether
-  any leaf was masked in. A weight the mixture cannot evaluate (NaN, ±Inf, or
-  a log-joint of −inf for every component) adds nothing to its update and is
-  left out of the statistics (``statistics.weight_pass``).
+  any leaf was masked in. One pass over all masked leaves
+  (``statistics.tree_pass``): small leaves together, each large one in
+  blocks that keep its shape and sharding. A weight the mixture cannot
+  evaluate (NaN, ±Inf, or a log-joint of −inf for every component) adds
+  nothing to its update and is left out of the statistics
+  (``statistics.weight_pass``).
   """
   u_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
   p_leaves = treedef.flatten_up_to(params)
   on_leaves = treedef.flatten_up_to(cfg.masked(params))
-  total, seen, out = statistics.zero_statistics(m.num_components), False, []
-  for u, p, on in zip(u_leaves, p_leaves, on_leaves):
-    if not on:
-      out.append(u)
-      continue
-    grad_w, stats = statistics.leaf_pass(m, jnp.asarray(p).astype(jnp.float32), cfg.chunk)
-    total, seen = statistics.add(total, stats), True
-    out.append(None if u is None else (u.astype(jnp.float32) + s * grad_w).astype(u.dtype))
-  return treedef.unflatten(out), total, seen
+  picked = [i for i, on in enumerate(on_leaves) if on]
+  grads, total = statistics.tree_pass(m, [jnp.asarray(p_leaves[i]) for i in picked], cfg.chunk)
+  out = list(u_leaves)
+  for i, grad_w in zip(picked, grads):
+    u = u_leaves[i]
+    out[i] = None if u is None else (u.astype(jnp.float32) + s * grad_w).astype(u.dtype)
+  return treedef.unflatten(out), total, bool(picked)
 
 
 def _em_update(cfg: _PriorConfig, m: Mixture, stats: statistics.Statistics) -> Mixture:
   """One undamped EM step from the statistics (the precision priors apply)."""
-  priors = hyper.PrecisionPriors.of(cfg.precision_prior, cfg.zero_precision_prior)
-  return em.m_step(m, stats, priors, 0.0, cfg.learn_zero_weight)
+  pp, zp = hyper.resolve_precision_priors(m, cfg.precision_prior, cfg.zero_precision_prior,
+                                          hyper.weight_variance(m, stats))
+  return em.m_step(m, stats, hyper.PrecisionPriors.of(pp, zp), 0.0, cfg.learn_zero_weight)
 
 
 def _gradient_update(cfg: _PriorConfig, inner: optax.GradientTransformation, m: Mixture,
                      stats: statistics.Statistics, inner_state: Any, s: jax.Array) -> tuple[Mixture, Any]:
   """One step of ``inner`` on ``s · ∂/∂mixture [−Σ log p(w) − log hyper-priors]``."""
-  g_hyper = jax.grad(hyper.hyper_cost)(m, cfg.precision_prior, cfg.zero_precision_prior,
-                                        cfg.zero_weight_prior, cfg.learn_zero_weight)
+  pp, zp = hyper.resolve_precision_priors(m, cfg.precision_prior, cfg.zero_precision_prior,
+                                          hyper.weight_variance(m, stats))
+  g_hyper = jax.grad(hyper.hyper_cost)(m, pp, zp, cfg.zero_weight_prior, cfg.learn_zero_weight)
   grads = jax.tree.map(lambda a, b: s * (a + b), statistics.mixture_gradient(m, stats), g_hyper)
   if not cfg.learn_zero_weight:
     grads = dataclasses.replace(grads, zero_logit=jnp.zeros_like(grads.zero_logit))
@@ -196,14 +200,14 @@ def _gradient_update(cfg: _PriorConfig, inner: optax.GradientTransformation, m: 
 
 def mixture_prior(
     num_components: int = 16,
-    strength: optax.ScalarOrSchedule = 1e-4,
+    strength: optax.ScalarOrSchedule = 1e-6,
     *,
     zero_component: bool = True,
     zero_weight: float = 0.99,
     learn_zero_weight: bool = False,
     zero_weight_prior: tuple[float, float] | None = None,
-    precision_prior: tuple[float, float] | None = None,
-    zero_precision_prior: tuple[float, float] | None = None,
+    precision_prior: tuple[float, float] | str | None = "auto",
+    zero_precision_prior: tuple[float, float] | str | None = "auto",
     init: str = "range",
     mixture_optimizer: optax.GradientTransformation | None = None,
     mixture_update: str = "gradient",
@@ -223,6 +227,33 @@ def mixture_prior(
   optax.adam(lr))``. ``strength`` is the weight of the SUMMED negative log prior
   against a MEAN data loss: τ/N in Ullrich et al.'s L = L_E + τ L_C with a
   summed L_E over N training examples.
+
+  Setting ``strength`` (the default, 1e-6, is deliberately weak: a prior
+  that cannot hurt, not one tuned for a task). With N training examples and a
+  mean loss, strength = c/N. For regularization (Nowlan & Hinton), the
+  Bayesian value is c = 1 for a mean negative log-likelihood (cross-entropy)
+  and c = 2σ² for a mean squared error with noise variance σ² (their eq. 4);
+  tune c on validation data around it (``benchmarks/generalization.py`` chose
+  c from 0.01 to 1 on ~100-example problems). For compression, c ≈ 0.005-0.05
+  (the recipe below: 0.012). Larger values collapse the weights onto the
+  components before the data has shaped them: the old default 1e-4, about
+  1000 × Ullrich's τ/N at N = 60000, and 3e-5 on the digits MLP
+  (N = 1347) destroyed accuracy. ``num_components`` counts the FREE
+  components: with ``zero_component=True`` the mixture has
+  ``num_components + 1`` (Ullrich's tutorial counts the zero component in
+  its 16 or 17).
+
+  Degenerate components. A mixture's likelihood is unbounded: a component
+  sitting on one weight gains without limit as its σ → 0, and on a small
+  network the flat-prior transform finds that maximum (components of σ ≈ 0
+  holding one weight each, ``tests/test_degenerate.py``). The default
+  ``precision_prior="auto"`` (and ``zero_precision_prior="auto"``) is Fraley
+  & Raftery's (2007) weakly informative prior for 1-D mixtures,
+  λ_j ~ Gamma(3/2, var(w)/(2K²)), var(w) the variance of the masked weights
+  at each step (K all components): it bounds σ_j ≥ std(w)/(K √2 √(N_j + 1))
+  for a component of mass N_j, and is negligible for components holding many
+  weights. ``None`` is the flat prior (the maximum likelihood of earlier
+  versions); an explicit (α, β), such as the recipe's, replaces it.
 
   The compression recipe (``benchmarks/recipe.py``, measured in
   ``benchmarks/results/recipe.json``). Start from a PRETRAINED model, trained
@@ -289,12 +320,17 @@ def mixture_prior(
   (``num_components`` free components, plus the zero component when
   ``zero_component``). Under ``jax.ShapeDtypeStruct`` params ``init`` returns a
   placeholder mixture of the right structure. Large leaves are evaluated
-  ``chunk_size`` weights at a time (default 2**16, fewer when K > 64 so that
-  chunk × K ≤ 2**22), so the extra memory of both updates is
+  ``chunk_size`` weights at a time (default: on CPU 2**16, fewer when
+  K > 4 so that chunk × K ≤ 2**18; on GPU/TPU chunk × K ≤ 2**26, so most
+  leaves in one go), so the extra memory of both updates is
   O(chunk_size × K), not O(#weights × K): the weights' gradient, the
   mixture's gradient and the ``"em"`` update all come from the same chunked
-  pass (the sufficient statistics of docs/design.md §4.1). The math runs in
-  float32; the updates keep their dtypes.
+  pass (the sufficient statistics of docs/design.md §4.1), one pass over all
+  masked leaves, the small ones (up to 2**14 weights) together. The pass
+  keeps each leaf's shape, so with params sharded over a mesh (FSDP, tensor
+  parallel) each device evaluates its own weights, the updates keep the
+  params' sharding, and only K-vectors of statistics are summed across
+  devices. The math runs in float32; the updates keep their dtypes.
 
   Broken weights. A weight the mixture cannot evaluate, NaN or ±Inf, above
   1e12 in magnitude (where float32 sums of r·(w − μ)² would overflow), or so
@@ -333,15 +369,16 @@ def mixture_prior(
           num_components=16, strength=schedule, mask=lambda p: ...)
 
   Args:
-    num_components: F >= 1, the number of free components.
+    num_components: F >= 1, the number of free components (the zero
+      component, when there is one, is extra).
     strength: >= 0, a float or an optax schedule of the step count.
     zero_component: add Ullrich's zero component (μ_0 = 0).
     zero_weight: its initial proportion π_0 in (0, 1).
     learn_zero_weight: learn π_0 (otherwise it stays fixed).
     zero_weight_prior: None or a Beta prior (a, b) on π_0, a, b > 0.
-    precision_prior: None or a Gamma prior (α, β) on the free precisions,
-      α > 0, β >= 0.
-    zero_precision_prior: None or a Gamma prior (α, β) on the zero precision.
+    precision_prior: ``"auto"`` (Gamma(3/2, var(w)/(2K²)), see above), None
+      (flat) or a Gamma prior (α, β) on the free precisions, α > 0, β >= 0.
+    zero_precision_prior: the same for the zero component's precision.
     init: ``"range"``, ``"quantile"`` or ``"kmeans++"`` (needs ``key``).
     mixture_optimizer: an Optax transformation for the mixture's parameters.
     mixture_update: ``"gradient"`` or ``"em"``.
@@ -349,7 +386,7 @@ def mixture_prior(
       ``{"encoder": True}``, or a callable, as ``optax.masked``); selecting
       a leaf that is not a floating-point array is a ``ValueError``, and so
       is a single ``False``, which selects no leaf.
-    chunk_size: weights per chunk (None: 2**16, or 2**22 // K when smaller).
+    chunk_size: weights per chunk (None: per platform, see above).
     key: a PRNG key, for ``init="kmeans++"``.
 
   Returns:
@@ -386,8 +423,8 @@ def mixture_prior(
       num_components=f, zero_component=bool(zero_component), zero_weight=zero_weight,
       learn_zero_weight=bool(learn_zero_weight),
       zero_weight_prior=hyper.check_beta_prior("zero_weight_prior", zero_weight_prior),
-      precision_prior=hyper.check_gamma_prior("precision_prior", precision_prior),
-      zero_precision_prior=hyper.check_gamma_prior("zero_precision_prior", zero_precision_prior),
+      precision_prior=hyper.check_precision_prior("precision_prior", precision_prior),
+      zero_precision_prior=hyper.check_precision_prior("zero_precision_prior", zero_precision_prior),
       init=init, key=key, use_em=checks.check_choice("mixture_update", mixture_update, _UPDATES) == "em",
       mask=mask, chunk=None if chunk_size is None else checks.check_int("chunk_size", chunk_size))
   if mixture_optimizer is not None and not (hasattr(mixture_optimizer, "init")

@@ -11,7 +11,11 @@ applies it after an optimizer step in :mod:`softshare_jax.sharing_prox`.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import json
+import traceback
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +24,9 @@ from jax import lax
 
 from softshare_jax import checks
 from softshare_jax import isotonic
+from softshare_jax import sharding
 from softshare_jax.groups import Axis
+from softshare_jax.groups import group_axes
 from softshare_jax.groups import to_rows
 
 METHODS = ("auto", "device", "host")
@@ -82,33 +88,179 @@ def weight_sharing_penalty(x: jax.Array, axis: Axis = None) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# The proximal map.
+# The host kernel as a custom call.
+#
+# jax.pure_callback has bulk-array semantics outside shard_map: one call, on
+# device 0, for a whole sharded leaf (the partitioner gathers it there and
+# scatters the result back). Inside a custom-partitioned op a callback is worse:
+# JAX drops its registration with the partitioner's sub-module. A plain CPU
+# custom call has neither problem: XLA runs it on each device's own block. Its
+# target is a ctypes trampoline into isotonic.prox_rows_host; the layout of the
+# block travels in the call's opaque string.
+
+HOST_TARGET = "softshare_jax_prox_rows_host"
+
+_TRAMPOLINE = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p)
+_KEEPALIVE: list = []  # the trampoline must outlive every executable that calls it
 
 
-def _host_fit(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-  x = np.asarray(x)
-  t = np.asarray(t)
-  lead = np.broadcast_shapes(x.shape[:-1], t.shape)
-  return isotonic.prox_rows_host(np.broadcast_to(x, lead + x.shape[-1:]), np.broadcast_to(t, lead))
+def host_segments(x: np.ndarray, t: np.ndarray, segments: Sequence[tuple[int, int]]) -> np.ndarray:
+  """The prox of ``t · R`` on rows laid out back to back in a flat ``x``.
+
+  ``segments`` lists ``(n, d)``: n rows of length d, then the next block; ``t``
+  holds one value per row. Each block is one call of
+  :func:`isotonic.prox_rows_host`, so rows of different lengths share one trip
+  to the host.
+
+  Example:
+    >>> import numpy as np
+    >>> host_segments(np.array([0.0, 0.05, 1.0, 3.0, 3.0]), np.array([0.1, 1.0]), [(1, 3), (1, 2)])
+    array([0.075, 0.075, 0.9  , 3.   , 3.   ])
+  """
+  x, t = np.asarray(x), np.asarray(t)
+  out = np.empty_like(x)
+  merged: list = []
+  for n, d in segments:  # neighbours of one length are one block: one call
+    if merged and merged[-1][1] == d:
+      merged[-1][0] += n
+    else:
+      merged.append([n, d])
+  at = row = 0
+  for n, d in merged:
+    block = x[at:at + n * d].reshape(n, d)
+    out[at:at + n * d] = isotonic.prox_rows_host(block, t[row:row + n]).reshape(-1)
+    at, row = at + n * d, row + n
+  return out
 
 
-def _fit_host(x: jax.Array, t: jax.Array) -> jax.Array:
+@functools.lru_cache(maxsize=1024)
+def _layout(opaque: bytes) -> tuple[np.dtype, tuple[tuple[int, int], ...]]:
+  spec = json.loads(opaque)
+  return np.dtype(spec["dtype"]), tuple((int(n), int(d)) for n, d in spec["segments"])
+
+
+def _trampoline(out, ins, opaque, size, status) -> None:
+  del status
+  try:
+    dtype, segments = _layout(ctypes.string_at(opaque, size))
+    ctype = ctypes.POINTER(ctypes.c_double if dtype == np.float64 else ctypes.c_float)
+    total, rows = sum(n * d for n, d in segments), sum(n for n, _ in segments)
+    view = lambda ptr, k: np.ctypeslib.as_array(ctypes.cast(ptr, ctype), (k,))  # noqa: E731
+    result = view(out, total)
+    result[:] = np.nan  # what an exception leaves: loud, never a silent wrong value
+    result[:] = host_segments(view(ins[0], total), view(ins[1], rows), segments)
+  except BaseException:  # nothing may unwind into XLA
+    traceback.print_exc()
+
+
+@functools.cache
+def host_custom_call() -> bool:
+  """Registers the host kernel as a CPU custom call once; False where JAX refuses it."""
+  try:
+    fn = _TRAMPOLINE(_trampoline)
+    capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+        ("PyCapsule_New", ctypes.pythonapi))
+    capsule = capsule_new(ctypes.cast(fn, ctypes.c_void_p).value, b"xla._CUSTOM_CALL_TARGET", None)
+    jax.ffi.register_ffi_target(HOST_TARGET, capsule, platform="cpu", api_version=0)
+  except Exception:  # pragma: no cover - depends on the JAX version.
+    return False
+  _KEEPALIVE.append(fn)
+  return True
+
+
+def _host_call(x: jax.Array, t: jax.Array, segments: tuple, kind: str) -> jax.Array:
+  """:func:`host_segments` on a flat ``x``: as a CPU custom call ("host") or a pure_callback."""
   out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return jax.pure_callback(_host_fit, out, x, t, vmap_method="expand_dims")
+  if kind == "host" and host_custom_call():
+    opaque = json.dumps({"dtype": np.dtype(x.dtype).name, "segments": segments})
+    return jax.ffi.ffi_call(HOST_TARGET, out, custom_call_api_version=3, legacy_backend_config=opaque,
+                            vmap_method="sequential")(x, t)
+  host = functools.partial(host_segments, segments=segments)
+  return jax.pure_callback(host, out, x, t, vmap_method="sequential")
 
 
-# Jitted once per shape, so eager calls do not re-trace the kernel's loops.
-_fit_device = jax.jit(isotonic.prox_rows_device)
+# ----------------------------------------------------------------------------
+# The fit of every group: one leaf where it lives, or many leaves at once.
 
 
-def _fit(x: jax.Array, t: jax.Array, method: str) -> jax.Array:
-  """prox of t·R on every row of x (float32 or float64), without the l1 term."""
-  t = jnp.broadcast_to(t, x.shape[:1])
+def _group_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(1 if a in axes else n for a, n in enumerate(shape))
+
+
+def _fit_block(x: jax.Array, t: jax.Array, axes: tuple[int, ...], kind: str) -> jax.Array:
+  """The fit on a block of whole groups; ``t`` has one value per group (group axes of size 1)."""
+  rows, back = to_rows(x, axes)
+  t_rows = to_rows(t, axes)[0][:, 0]
+  if kind == "device":
+    return back(isotonic.prox_rows_device(rows, t_rows))
+  return back(_host_call(rows.reshape(-1), t_rows, (rows.shape,), kind).reshape(rows.shape))
+
+
+# Split by the partitioner along the non-group axes: each device fits its own groups.
+_fit_local = sharding.group_local(_fit_block)
+
+
+def _fit_leaf(x: jax.Array, t: jax.Array, axes: tuple[int, ...], method: str) -> jax.Array:
+  t = jnp.broadcast_to(t, _group_shape(x.shape, axes))
+  device = functools.partial(_fit_local, axes=axes, static="device")
+  # A callback cannot run inside the partitioned op: without the custom call it stays whole.
+  cpu = (functools.partial(_fit_local, axes=axes, static="host") if host_custom_call()
+         else functools.partial(_fit_block, axes=axes, kind="callback"))
   if method == "device":
-    return _fit_device(x, t)
+    return device(x, t)
   if method == "host":
-    return _fit_host(x, t)
-  return lax.platform_dependent(x, t, cpu=_fit_host, default=_fit_device)
+    return lax.platform_dependent(x, t, cpu=cpu, default=functools.partial(_fit_block, axes=axes, kind="callback"))
+  return lax.platform_dependent(x, t, cpu=cpu, default=device)
+
+
+def _fit_batch(xs: tuple, t: jax.Array, layouts: tuple, method: str) -> tuple:
+  """The fit of several leaves that need no communication: one host call, or one kernel per row length."""
+  rows = [to_rows(x, axes) for x, axes in zip(xs, layouts)]
+
+  def host(kind, t, *rs):
+    order = sorted(range(len(rs)), key=lambda i: rs[i].shape[1])  # rows of one length side by side
+    segments = tuple(rs[i].shape for i in order)
+    t_rows = jnp.broadcast_to(t, (sum(n for n, _ in segments),))
+    flat = _host_call(jnp.concatenate([rs[i].reshape(-1) for i in order]), t_rows, segments, kind)
+    cuts = np.cumsum([rs[i].size for i in order])[:-1]
+    out = [None] * len(rs)
+    for i, f in zip(order, jnp.split(flat, cuts)):
+      out[i] = f.reshape(rs[i].shape)
+    return tuple(out)
+
+  def device(t, *rs):
+    # The prox is not padding-invariant: rows of one length per kernel call.
+    out = [None] * len(rs)
+    for d in sorted({r.shape[1] for r in rs}):
+      which = [i for i, r in enumerate(rs) if r.shape[1] == d]
+      block = jnp.concatenate([rs[i] for i in which])
+      fit = isotonic.prox_rows_device(block, jnp.broadcast_to(t, block.shape[:1]))
+      cuts = np.cumsum([rs[i].shape[0] for i in which])[:-1]
+      for i, f in zip(which, jnp.split(fit, cuts)):
+        out[i] = f
+    return tuple(out)
+
+  cpu = functools.partial(host, "host")
+  rs = [r for r, _ in rows]
+  if method == "device":
+    fits = device(t, *rs)
+  elif method == "host":
+    fits = lax.platform_dependent(t, *rs, cpu=cpu, default=functools.partial(host, "callback"))
+  else:
+    fits = lax.platform_dependent(t, *rs, cpu=cpu, default=device)
+  return tuple(back(f) for f, (_, back) in zip(fits, rows))
+
+
+# Jitted once per shape and layout: eager calls neither re-trace nor run op by op.
+_fit_leaf_jit = jax.jit(_fit_leaf, static_argnums=(2, 3))
+_fit_batch_jit = jax.jit(_fit_batch, static_argnums=(2, 3))
+
+
+def _fit_leaves(xs: tuple, t: jax.Array, layouts: tuple, method: str) -> tuple:
+  if len(xs) == 1:
+    return (_fit_leaf_jit(xs[0], t, layouts[0], method),)
+  return _fit_batch_jit(xs, t, layouts, method)
 
 
 def _soft_threshold(y: jax.Array, s: jax.Array) -> jax.Array:
@@ -116,35 +268,105 @@ def _soft_threshold(y: jax.Array, s: jax.Array) -> jax.Array:
   return jnp.where(s >= 0, jnp.sign(y) * jnp.maximum(jnp.abs(y) - s, 0.0), jnp.nan)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _prox_rows(x, t, s, method):
-  return _soft_threshold(_fit(x, t, method), s)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _prox_leaves(xs, t, s, layouts, method):
+  return tuple(_soft_threshold(y, s) for y in _fit_leaves(xs, t, layouts, method))
 
 
-@_prox_rows.defjvp
-def _prox_rows_jvp(method, primals, tangents):
-  x, t, s = primals
-  dx, dt, ds = tangents
-  y = _fit(x, t, method)
-  out = _soft_threshold(y, s)
-  rows, d = x.shape
+def _fit_tangent(y: jax.Array, dx: jax.Array, dt: jax.Array) -> jax.Array:
+  """The tangent of the fit ``y`` (rows) for input tangents ``dx`` and ``dt``."""
+  rows, d = y.shape
   # The clusters are the runs of equal values of y in sorted order. Inside a
   # cluster [i, j) the fit is mean(z) − a·(i + j − d), so its tangent is the
   # mean input tangent minus da·(i + j − d).
-  k = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  k = lax.broadcasted_iota(jnp.int32, y.shape, 1)
   ys, perm = lax.sort((y, k), dimension=1, num_keys=1)
   new = jnp.concatenate([jnp.ones((rows, 1), bool), ys[:, 1:] != ys[:, :-1]], axis=1)
-  ids = (jnp.cumsum(new, axis=1) - 1 + lax.broadcasted_iota(jnp.int32, x.shape, 0) * d).ravel()
+  ids = (jnp.cumsum(new, axis=1) - 1 + lax.broadcasted_iota(jnp.int32, y.shape, 0) * d).ravel()
   n_seg = rows * d
-  count = jax.ops.segment_sum(jnp.ones(n_seg, x.dtype), ids, n_seg)[ids]
+  count = jax.ops.segment_sum(jnp.ones(n_seg, y.dtype), ids, n_seg)[ids]
   start = jax.ops.segment_min(k.ravel(), ids, n_seg)[ids]
   dz = jnp.take_along_axis(dx, perm, axis=1).ravel()
   mean_dz = jax.ops.segment_sum(dz, ids, n_seg)[ids] / count
-  ramp = (2 * start + count - d).astype(x.dtype) / max(d - 1, 1)
-  dys = (mean_dz - dt * ramp).reshape(x.shape)
-  dy = jnp.zeros_like(dys).at[lax.broadcasted_iota(jnp.int32, x.shape, 0), perm].set(dys, unique_indices=True)
-  dout = jnp.where(jnp.abs(y) > s, dy - jnp.sign(y) * ds, 0.0)
-  return out, dout
+  ramp = (2 * start + count - d).astype(y.dtype) / max(d - 1, 1)
+  dys = (mean_dz - dt * ramp).reshape(y.shape)
+  return jnp.zeros_like(dys).at[lax.broadcasted_iota(jnp.int32, y.shape, 0), perm].set(dys, unique_indices=True)
+
+
+@_prox_leaves.defjvp
+def _prox_leaves_jvp(layouts, method, primals, tangents):
+  xs, t, s = primals
+  dxs, dt, ds = tangents
+  outs, douts = [], []
+  for y, dx, axes in zip(_fit_leaves(xs, t, layouts, method), dxs, layouts):
+    y_rows, back = to_rows(y, axes)
+    dy = back(_fit_tangent(y_rows, to_rows(dx, axes)[0], dt))
+    outs.append(_soft_threshold(y, s))
+    douts.append(jnp.where(jnp.abs(y) > s, dy - jnp.sign(y) * ds, 0.0))
+  return tuple(outs), tuple(douts)
+
+
+def prox_layout(x: jax.Array, axis: Axis) -> tuple[int, ...]:
+  """Checks that the prox takes ``x`` with ``axis``; returns its group axes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> prox_layout(jnp.zeros((2, 3)), -1)
+    (1,)
+  """
+  check_float(x)
+  return group_axes(np.ndim(x), axis)
+
+
+def prox_many(
+    xs: Sequence[jax.Array],
+    strength: float | jax.Array,
+    *,
+    l1: float | jax.Array = 0.0,
+    axis: Axis = None,
+    method: str = "auto",
+) -> list[jax.Array]:
+  """:func:`prox_weight_sharing` of every array of ``xs``, in as few kernel calls as layouts allow.
+
+  Arrays whose layout is known to need no communication (no multi-device
+  mesh, or unsharded under an explicit-sharding mesh) share one host call, or
+  one device kernel per group length and compute dtype. Every other array is
+  solved where it lives: each device fits the groups it holds (a group that
+  spans devices is gathered along its own axes only). The results equal
+  :func:`prox_weight_sharing` on each array, bit for bit.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a, b = prox_many([jnp.array([0.0, 0.05, 1.0]), jnp.array([[1.0, 2.0]])], 0.1)
+    >>> a
+    Array([0.075, 0.075, 0.9  ], dtype=float32)
+  """
+  checks.check_nonnegative("strength", strength)
+  checks.check_nonnegative("l1", l1)
+  checks.check_choice("method", method, METHODS)
+  xs = [jnp.asarray(x) for x in xs]
+  out: list = [None] * len(xs)
+  batches: dict = {}
+  for i, x in enumerate(xs):
+    axes = prox_layout(x, axis)
+    dtype = compute_dtype(x.dtype)
+    t = _scalar("strength", strength, dtype)
+    s = _scalar("l1", l1, dtype)
+    if x.size == 0:
+      out[i] = x
+    elif all(x.shape[a] == 1 for a in axes):  # groups of one weight: only the l1 step
+      out[i] = _soft_threshold(jnp.where(t >= 0, x.astype(dtype), jnp.nan), s).astype(x.dtype)
+    else:
+      key = (dtype, i) if not sharding.is_single_device(x) else (dtype, -1)
+      batches.setdefault(key, []).append((i, axes))
+  for (dtype, _), members in batches.items():
+    t = _scalar("strength", strength, dtype)
+    s = _scalar("l1", l1, dtype)
+    ys = _prox_leaves(tuple(xs[i].astype(dtype) for i, _ in members), t, s,
+                      tuple(axes for _, axes in members), method)
+    for (i, _), y in zip(members, ys):
+      out[i] = y.astype(xs[i].dtype)
+  return out
 
 
 def prox_weight_sharing(
@@ -181,8 +403,9 @@ def prox_weight_sharing(
     axis: the axes that form one group (None: the whole array; ``()``: every
       weight its own group). A scalar ``x`` takes only None or ``()``.
     method: ``"device"`` (pure JAX: sort, parallel pooling, then a
-      bounded-depth merge; any backend), ``"host"`` (NumPy/SciPy through a
-      host callback, the fastest path on CPU), or ``"auto"`` (host on CPU,
+      bounded-depth merge; any backend), ``"host"`` (the C kernel of
+      :mod:`softshare_jax.isotonic_host`, run by XLA on each CPU device's own
+      groups; the fastest path on CPU), or ``"auto"`` (host on CPU,
       device elsewhere, chosen per backend at lowering).
 
   Returns:
@@ -201,15 +424,4 @@ def prox_weight_sharing(
   checks.check_nonnegative("strength", strength)
   checks.check_nonnegative("l1", l1)
   checks.check_choice("method", method, METHODS)
-  rows, back = to_rows(x, axis)
-  dtype = compute_dtype(x.dtype)
-  t = _scalar("strength", strength, dtype)
-  s = _scalar("l1", l1, dtype)
-  if rows.size == 0:
-    return x
-  rows = rows.astype(dtype)
-  if rows.shape[-1] == 1:
-    out = _soft_threshold(jnp.where(t >= 0, rows, jnp.nan), s)
-  else:
-    out = _prox_rows(rows, t, s, method)
-  return back(out).astype(x.dtype)
+  return prox_many([x], strength, l1=l1, axis=axis, method=method)[0]

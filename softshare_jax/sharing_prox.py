@@ -19,7 +19,8 @@ from softshare_jax.groups import Axis
 from softshare_jax.groups import to_rows
 from softshare_jax.sharing import compute_dtype
 from softshare_jax.sharing import METHODS
-from softshare_jax.sharing import prox_weight_sharing
+from softshare_jax.sharing import prox_layout
+from softshare_jax.sharing import prox_many
 
 
 class WeightSharingProxState(NamedTuple):
@@ -145,22 +146,33 @@ def weight_sharing_prox(
     s = l1 * lr
     keep = masks.resolve_mask(mask, params, masks.is_float_leaf)
 
-    def step(path, u, p, on):
-      if u is None or not on:
-        return u
-      if not (checks.is_traced(t) or checks.is_traced(s)) and t == 0 and s == 0:
-        return u  # the identity, bit for bit
+    identity = not (checks.is_traced(t) or checks.is_traced(s)) and t == 0 and s == 0
+    tentative = []  # the leaves the prox touches, in the order tree_map visits them
+
+    def collect(path, u, p, on):
+      if u is None or not on or identity:
+        return
       dtype = compute_dtype(jnp.promote_types(p.dtype, u.dtype))
       w = p.astype(dtype) + u.astype(dtype)
       try:
-        new = prox_weight_sharing(w, t, l1=s, axis=axis, method=method)
+        prox_layout(w, axis)
       except ValueError as e:
         raise ValueError(f"weight_sharing_prox, leaf {masks.path_str(path)!r}: {e}") from None
+      tentative.append(w)
+
+    def step(path, u, p, on):
+      if u is None or not on or identity:
+        return u  # strength and l1 both 0: the identity, bit for bit
+      new = proxes.pop(0)
       out = _landing_update(p, new, u.dtype, axis)
       out = jnp.where((jnp.asarray(t) == 0) & (jnp.asarray(s) == 0), u, out)
       return sharding.like(u, out)
 
-    updates = jax.tree_util.tree_map_with_path(step, updates, params, keep, is_leaf=lambda u: u is None)
+    none = lambda u: u is None  # noqa: E731
+    jax.tree_util.tree_map_with_path(collect, updates, params, keep, is_leaf=none)
+    # One host call (or kernel) for all leaves that need no communication; the others where they live.
+    proxes = prox_many(tentative, t, l1=s, axis=axis, method=method)
+    updates = jax.tree_util.tree_map_with_path(step, updates, params, keep, is_leaf=none)
     return updates, WeightSharingProxState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -79,7 +79,7 @@ def test_zero_component_gives_exact_zeros_and_unused_components_are_dropped():
   w = jnp.array([[0.02, -0.03, 1.1], [0.9, -0.01, 0.0]])  # nobody near -1 or 5
   leaf = ss.quantize({"w": w}, m).tree["w"]
   np.testing.assert_array_equal(np.asarray(leaf.codebook), [0.0, 1.0])
-  assert leaf.bits == 2
+  assert leaf.bits == 1  # ceil(log2 K) bits per index
   out = np.asarray(ss.dequantize(ss.quantize({"w": w}, m))["w"])
   assert np.count_nonzero(out == 0.0) == 4 and not np.any(np.signbit(out[out == 0]))
 
@@ -107,20 +107,21 @@ def test_quantize_with_the_mixture_is_idempotent_for_separated_components():
   assert_quantized_equal(ss.quantize(ss.dequantize(q), m), q)
 
 
-@pytest.mark.parametrize("k,bits,dtype", [(1, 2, np.uint8), (4, 2, np.uint8), (5, 4, np.uint8),
-                                          (16, 4, np.uint8), (17, 8, np.uint8), (256, 8, np.uint8)])
+@pytest.mark.parametrize("k,bits,dtype", [(1, 1, np.uint8), (2, 1, np.uint8), (4, 2, np.uint8), (5, 3, np.uint8),
+                                          (16, 4, np.uint8), (17, 5, np.uint8), (256, 8, np.uint8)])
 def test_index_packing(k, bits, dtype):
-  n = 1001  # not a multiple of 2 or 4: the last byte is padded
+  n = 1001  # not a multiple of 8: the last byte is padded
   rng = np.random.default_rng(k)
   idx = rng.integers(0, k, n)
   idx[:k] = np.arange(k)
   leaf = ss.quantize({"w": jnp.asarray(np.arange(k, dtype=np.float32)[idx].reshape(7, 143))}, None).tree["w"]
   assert leaf.bits == bits and leaf.indices.dtype == dtype
-  assert leaf.indices.size == (n if bits == 8 else -(-n // (8 // bits)))
+  assert leaf.indices.size == -(-n * bits // 8)  # a dense bit stream
   np.testing.assert_array_equal(np.asarray(leaf.unpacked()), idx)
-  if bits < 8:  # the first index sits in the lowest bits of the first byte
-    first = int(np.asarray(leaf.indices)[0])
-    assert [(first >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)] == list(idx[: 8 // bits])
+  if bits:  # index i sits in bits [i·bits, (i+1)·bits) of the little-endian stream
+    stream = np.unpackbits(np.asarray(leaf.indices), bitorder="little")
+    first = [int(sum(int(stream[i * bits + j]) << j for j in range(bits))) for i in range(8)]
+    assert first == list(idx[:8])
 
 
 def test_wide_packing_for_many_buckets():

@@ -103,7 +103,7 @@ def leaf_index(info: dict, kind: str, path: list[str] | None = None) -> int:
 @pytest.mark.parametrize("name", ["mixture", "hashed", "bf16"])
 def test_checksum_is_the_documented_one(saved, name):
   header, info, body = split(saved[name][1])
-  assert info["version"] == 2
+  assert info["version"] == 3
   assert info["sha256"] == reference_digest(info, header, body)
 
 
@@ -184,15 +184,16 @@ SCHEMA = {
     "array reshape": (on("array")(lambda e: e.update(shape=[1] + e["shape"])), "stored as"),
     "quantized size": (on("quantized")(lambda e: e.update(shape=[e["shape"][0] + 1] + e["shape"][1:])),
                        "indices are"),
-    "kind to array": (on("quantized")(lambda e: (e.pop("bits"), e.update(kind="array"))), "belongs to no leaf"),
+    "kind to array": (on("quantized")(lambda e: (e.pop("bits"), e.pop("axis"), e.update(kind="array"))),
+                      "belongs to no leaf"),
     "kind unknown": (on("quantized")(lambda e: e.update(kind="pickle")), "kind 'pickle'"),
     "kind a list": (on("quantized")(lambda e: e.update(kind=["quantized"])), "kind"),
     "kind an object": (on("quantized")(lambda e: e.update(kind={"a": 1})), "kind"),
     "extra key": (on("quantized")(lambda e: e.update(hash_seed=None)), "has keys"),
     "missing key": (on("quantized")(lambda e: e.pop("dtype")), "has keys"),
     "bits": (on("quantized")(lambda e: e.update(bits=8)), "-bit indices"),
-    "bits odd": (on("quantized")(lambda e: e.update(bits=3)), "not 2, 4, 8"),
-    "bits bool": (on("quantized")(lambda e: e.update(bits=True)), "not 2, 4, 8"),
+    "bits odd": (on("quantized")(lambda e: e.update(bits=9)), "not one of"),
+    "bits bool": (on("quantized")(lambda e: e.update(bits=True)), "not one of"),
     "dtype foreign": (on("quantized")(lambda e: e.update(dtype="object")), "dtype 'object'"),
     "dtype not a string": (on("quantized")(lambda e: e.update(dtype=["float32"])), "dtype"),
     "shape negative": (on("quantized")(lambda e: e.update(shape=[-30, -7])), "not an integer in"),
@@ -202,7 +203,7 @@ SCHEMA = {
     "shape product": (on("quantized")(lambda e: e.update(shape=[2**30, 2**30, 0])), "more than"),
     "shape string": (on("quantized")(lambda e: e.update(shape="30,7")), "not a list"),
     "version 1": (lambda i: i.update(version=1), "version 1"),
-    "version 3": (lambda i: i.update(version=3), "version 3"),
+    "version 4": (lambda i: i.update(version=4), "version 4"),
     "version true": (lambda i: i.update(version=True), "version True"),
     "format": (lambda i: i.update(format="pickle"), "unknown format"),
     "extra top key": (lambda i: i.update(note="hi"), "has keys"),
@@ -230,11 +231,11 @@ def test_schema_violations_raise_even_with_a_valid_checksum(saved, tmp_path, cas
 def raw_metadata_cases(info: dict) -> dict[str, tuple[str, str]]:
   text = json.dumps(info)
   return {
-      "duplicate key": (text.replace('"version": 2', '"version": 2, "version": 2', 1), "duplicate key"),
-      "NaN": (text.replace('"version": 2', '"version": NaN'), "not valid JSON"),
-      "float": (text.replace('"version": 2', '"version": 2.0'), "not valid JSON"),
-      "5000 digits": (text.replace('"version": 2', '"version": ' + "9" * 5000), "not valid JSON"),
-      "deep nesting": (text.replace('"version": 2', '"version": ' + "[" * 100_000 + "]" * 100_000),
+      "duplicate key": (text.replace('"version": 3', '"version": 3, "version": 3', 1), "duplicate key"),
+      "NaN": (text.replace('"version": 3', '"version": NaN'), "not valid JSON"),
+      "float": (text.replace('"version": 3', '"version": 2.0'), "not valid JSON"),
+      "5000 digits": (text.replace('"version": 3', '"version": ' + "9" * 5000), "not valid JSON"),
+      "deep nesting": (text.replace('"version": 3', '"version": ' + "[" * 100_000 + "]" * 100_000),
                        "not valid JSON"),
       "not an object": ("[1, 2]", "unknown format"),
   }
@@ -267,7 +268,7 @@ def tensor_table_cases(header: dict, body: bytes) -> dict[str, tuple[dict, bytes
 
   b0, e0 = header[first]["data_offsets"]
   return {
-      "bf16 tensor": (with_entry(first, dtype="BF16"), body, "dtype 'BF16'"),
+      "float8 tensor": (with_entry(first, dtype="F8_E4M3"), body, "dtype 'F8_E4M3'"),
       "dtype a list": (with_entry(first, dtype=["F32"]), body, "dtype"),
       "offsets size": (with_entry(first, data_offsets=[b0, e0 + 1]), body, "spans bytes"),
       "gap": (with_entry(second, data_offsets=[e0 + 4, header[second]["data_offsets"][1] + 4]),
@@ -282,7 +283,7 @@ def tensor_table_cases(header: dict, body: bytes) -> dict[str, tuple[dict, bytes
   }
 
 
-@pytest.mark.parametrize("case", ["bf16 tensor", "dtype a list", "offsets size", "gap", "overlap", "trailing bytes",
+@pytest.mark.parametrize("case", ["float8 tensor", "dtype a list", "offsets size", "gap", "overlap", "trailing bytes",
                                   "truncated", "extra entry key", "extra tensor"])
 def test_tensor_table_violations_raise(saved, tmp_path, case):
   header, info, body = split(saved["mixture"][1])
@@ -309,14 +310,14 @@ def edit_tensor(header: dict, body: bytes, name: str, fn) -> bytes:
 def test_tensor_contents_are_checked_after_a_valid_checksum(saved, tmp_path):
   header, info, body = split(saved["mixture"][1])
   i = leaf_index(info, "quantized", ["dense", "kernel"])
-  assert info["leaves"][i]["bits"] == 4 and 30 * 7 % 2 == 0  # two indices per byte, no padding
+  assert info["leaves"][i]["bits"] == 3 and 30 * 7 * 3 % 8 == 6  # a 3-bit stream: byte 3 holds parts of 3 indices
 
   def nan(b):
     b[0:4] = np.float32(np.nan).tobytes()
     return bytes(b)
 
   def past_codebook(b):
-    b[3] = 0xF0 | (b[3] & 0x0F)  # index 15 with a codebook of at most 5
+    b[3] = 0xF0 | (b[3] & 0x0F)  # index 9 (bits 27-29) becomes >= 6 with a codebook of at most 5
     return bytes(b)
 
   for name, fn, message in [(f"{i}/codebook", nan, "non-finite"), (f"{i}/indices", past_codebook, "past its codebook")]:
@@ -331,7 +332,7 @@ def test_padding_bits_and_bool_bytes_are_checked(tmp_path):
   ss.save_quantized(tmp_path / "q", q)
   header, info, body = split((tmp_path / "q").read_bytes())
   w, b = leaf_index(info, "quantized"), leaf_index(info, "array")
-  assert info["leaves"][w]["bits"] == 2  # 15 indices: the last byte holds 3 and 2 bits of padding
+  assert info["leaves"][w]["bits"] == 2  # 15 2-bit indices: the last byte holds 3 and 2 bits of padding
 
   def pad(x):
     x[-1] |= 0xC0

@@ -172,7 +172,9 @@ def test_em_update_matches_em_step(chunk_size):
   # statistics come from the transform's chunked pass.
   params, updates = make_params(), make_updates()
   prior = (2.0, 0.1)
-  tx = ss.mixture_prior(4, 1e-3, mixture_update="em", precision_prior=prior, chunk_size=chunk_size)
+  # zero_precision_prior=None: flat, as em_step's default (the transform's default is "auto").
+  tx = ss.mixture_prior(4, 1e-3, mixture_update="em", precision_prior=prior, zero_precision_prior=None,
+                        chunk_size=chunk_size)
   state = tx.init(params)
   _, new_state = jax.jit(tx.update)(updates, state, params)
   expected = ss.em_step(state.mixture, [params["kernel"], params["conv"]], precision_prior=prior)

@@ -16,9 +16,10 @@ One concept per module, its public names re-exported here:
 - ``fileio``: :func:`save_quantized` / :func:`load_quantized`, safetensors
   with JSON metadata (never pickle), :class:`QuantizedFileError`.
 
-The accounting and the file layout are written out in docs/design.md §4.4-4.5.
+The accounting is written out in docs/design.md §4.4, the file layout in docs/file_format.md.
 """
 
+from softshare_jax.compress.apply import compressed_apply
 from softshare_jax.compress.fileio import load_quantized
 from softshare_jax.compress.fileio import QuantizedFileError
 from softshare_jax.compress.fileio import save_quantized
@@ -36,6 +37,6 @@ from softshare_jax.compress.report import LeafReport
 
 __all__ = [
     "CompressionReport", "KeepClustersState", "LeafReport", "Quantized", "QuantizedFileError", "QuantizedLeaf",
-    "cluster_weights", "compression_report", "dequantize", "hash_clusters", "keep_clusters", "load_quantized",
-    "quantize", "save_quantized",
+    "cluster_weights", "compressed_apply", "compression_report", "dequantize", "hash_clusters", "keep_clusters",
+    "load_quantized", "quantize", "save_quantized",
 ]

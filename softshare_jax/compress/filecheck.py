@@ -1,4 +1,4 @@
-"""The quantized file's layout, checked without reading its data (format version 2).
+"""The quantized file's layout, checked without reading its data (format versions 2 and 3).
 
 A file is untrusted input. Its JSON header is parsed strictly; every leaf and
 tensor it declares is checked against the others and against the file's own
@@ -22,7 +22,8 @@ import numpy as np
 from softshare_jax.compress.quantized import index_bits
 
 FORMAT = "softshare_jax.quantized"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # what save_quantized writes (docs/file_format.md)
+READ_VERSIONS = (2, 3)  # 2: float32 (K,) codebooks, 2/4/8/16/32-bit indices, bfloat16 values as U16
 METADATA_KEY = "softshare_jax"
 
 # What a file may declare. Stored tensors are bounded by the file's length;
@@ -36,7 +37,9 @@ HASHED_WEIGHTS_PER_BYTE = 1024
 
 # safetensors' dtype names for the dtypes a file stores (others travel as uints).
 ST_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
-              "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32", "F64": "float64"}
+              "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
+              "F32": "float32", "F64": "float64"}
+CODEBOOK_ST_DTYPES = ("F32", "BF16", "F16", "I8")  # version 3; version 2 stores F32 only
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -48,7 +51,18 @@ DTYPES = tuple(n for n in (*ST_NAMES, "complex64", "bfloat16", "float8_e4m3fn", 
 _LEAF_KEYS = {"quantized": {"path", "kind", "shape", "dtype", "bits"},
               "hashed": {"path", "kind", "shape", "dtype", "bits", "hash_seed"},
               "array": {"path", "kind", "shape", "dtype"}}
+_V3_KEYS = {"quantized": {"axis"}, "hashed": {"axis"}, "array": set()}  # added in version 3
 _ROLES = {"quantized": ("codebook", "indices"), "hashed": ("codebook",), "array": ("value",)}
+_V2_BITS = (2, 4, 8, 16, 32)
+V3_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+def v2_index_bits(num_entries: int) -> int:
+  """The index width version 2 used: 2, 4 or 8 bits, 16 or 32 past 256 entries."""
+  for bits in (2, 4, 8, 16):
+    if num_entries <= 1 << bits:
+      return bits
+  return 32
 
 
 class Invalid(Exception):
@@ -64,9 +78,14 @@ def short(x: Any, n: int = 60) -> str:
   return str(r) if len(str(r)) <= n else str(r)[:n - 3] + "..."
 
 
-def stored_dtype(name: str) -> str:
-  """The dtype a leaf of dtype ``name`` is stored as: itself, or the unsigned int of its width."""
-  return name if name in ST_NAMES else f"uint{np.dtype(jnp.dtype(name)).itemsize * 8}"
+def stored_dtype(name: str, version: int = FORMAT_VERSION) -> str:
+  """The dtype a leaf of dtype ``name`` is stored as: itself, or the unsigned int of its width.
+
+  Version 2 stored bfloat16 as uint16; version 3 as safetensors' BF16.
+  """
+  if name in ST_NAMES and not (version == 2 and name == "bfloat16"):
+    return name
+  return f"uint{np.dtype(jnp.dtype(name)).itemsize * 8}"
 
 
 # ----------------------------------------------------------------------------
@@ -77,21 +96,44 @@ def _canonical(obj: Any) -> bytes:
   return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+class DigestStream:
+  """:func:`digest` fed one tensor (or one chunk of a tensor) at a time, in name order."""
+
+  def __init__(self, meta: dict):
+    self._h = hashlib.sha256()
+    self._part(_canonical(meta))
+
+  def _part(self, b: bytes) -> None:
+    self._h.update(len(b).to_bytes(8, "little"))
+    self._h.update(b)
+
+  def begin(self, name: str, st_dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+    self._part(_canonical([name, st_dtype, list(shape)]))
+    self._h.update(int(nbytes).to_bytes(8, "little"))
+
+  def update(self, data: Any) -> None:
+    self._h.update(data)
+
+  def tensor(self, name: str, st_dtype: str, shape: tuple[int, ...], data: Any) -> None:
+    self.begin(name, st_dtype, shape, memoryview(data).nbytes)
+    self.update(data)
+
+  def hexdigest(self) -> str:
+    return self._h.hexdigest()
+
+
+def digest_stream(meta: dict) -> DigestStream:
+  return DigestStream(meta)
+
+
 def digest(meta: dict, tensors: Iterable[tuple[str, str, tuple[int, ...], memoryview]]) -> str:
   """SHA-256 of the metadata (minus the digest) and each tensor's name, dtype, shape and bytes.
 
   Each part is length-prefixed, so no two files share the byte stream.
   """
-  h = hashlib.sha256()
-
-  def part(b: bytes | memoryview) -> None:
-    h.update(len(b).to_bytes(8, "little"))
-    h.update(b)
-
-  part(_canonical(meta))
+  h = DigestStream(meta)
   for name, st_dtype, shape, data in sorted(tensors, key=lambda t: t[0]):
-    part(_canonical([name, st_dtype, list(shape)]))
-    part(data)
+    h.tensor(name, st_dtype, shape, data)
   return h.hexdigest()
 
 
@@ -113,6 +155,12 @@ class Leaf(NamedTuple):
   dtype: str
   bits: int | None
   seed: int | None
+  axis: tuple[int, ...] | None = None
+  version: int = FORMAT_VERSION
+
+  @property
+  def groups(self) -> int:
+    return 1 if self.axis is None else math.prod(s for a, s in enumerate(self.shape) if a not in self.axis)
 
   @property
   def size(self) -> int:
@@ -183,29 +231,37 @@ def _tensor(name: str, x: Any) -> Tensor:
   return Tensor(x["dtype"], shape, begin, end)
 
 
-def _leaf(i: int, e: Any) -> Leaf:
+def _leaf(i: int, e: Any, version: int) -> Leaf:
   if type(e) is not dict:
     raise Invalid(f"leaf {i} is {short(e)}, not an object.")
   kind = e.get("kind")
   if type(kind) is not str or kind not in _LEAF_KEYS:
     raise Invalid(f"leaf {i} has kind {short(kind)}; the kinds are {sorted(_LEAF_KEYS)}.")
-  if set(e) != _LEAF_KEYS[kind]:
-    raise Invalid(f"leaf {i} ({kind}) has keys {short(sorted(e))}; a {kind} leaf has exactly "
-                   f"{sorted(_LEAF_KEYS[kind])}.")
+  keys = _LEAF_KEYS[kind] | (_V3_KEYS[kind] if version >= 3 else set())
+  if set(e) != keys:
+    raise Invalid(f"leaf {i} ({kind}) has keys {short(sorted(e))}; a {kind} leaf has exactly {sorted(keys)}.")
   path = e["path"]
   if type(path) is not list or not all(type(k) is str for k in path):
     raise Invalid(f"leaf {i}'s path {short(path)} is not a list of strings.")
   shape = _shape(f"leaf {i}'s shape", e["shape"])
   if type(e["dtype"]) is not str or e["dtype"] not in DTYPES:
     raise Invalid(f"leaf {i} has dtype {short(e['dtype'])}; a file may name {list(DTYPES)}.")
-  bits = seed = None
+  bits = seed = axis = None
   if kind != "array":
-    bits = e["bits"]
-    if type(bits) is not int or bits not in (2, 4, 8, 16, 32):
-      raise Invalid(f"leaf {i}'s bits are {short(bits)}, not 2, 4, 8, 16 or 32.")
+    bits, allowed = e["bits"], (V3_BITS if version >= 3 else _V2_BITS)
+    if type(bits) is not int or bits not in allowed:
+      raise Invalid(f"leaf {i}'s bits are {short(bits)}, not one of {list(allowed)}.")
   if kind == "hashed":
     seed = _int(f"leaf {i}'s hash_seed", e["hash_seed"], 0, 2**32 - 1)
-  return Leaf(tuple(path), kind, shape, e["dtype"], bits, seed)
+  if version >= 3 and kind != "array" and e["axis"] is not None:
+    axis = e["axis"]
+    ok = (type(axis) is list and len(axis) < len(shape) and all(type(a) is int for a in axis)
+          and axis == sorted(set(axis)) and all(0 <= a < len(shape) for a in axis) and kind == "quantized")
+    if not ok:
+      raise Invalid(f"leaf {i}'s axis {short(axis)} is not null or a sorted list of distinct axes of its shape "
+                     "(not all of them; hashed leaves have none).")
+    axis = tuple(axis)
+  return Leaf(tuple(path), kind, shape, e["dtype"], bits, seed, axis, version)
 
 
 def _metadata(header: dict) -> tuple[dict, str, list[Leaf]]:
@@ -223,8 +279,8 @@ def _metadata(header: dict) -> tuple[dict, str, list[Leaf]]:
     raise Invalid(f"format version 1, whose checksum does not cover its metadata, so it cannot be "
                    f"trusted; this softshare_jax reads version {FORMAT_VERSION}. Load it with the "
                    "softshare_jax that wrote it and save it again.")
-  if version != FORMAT_VERSION or type(version) is not int:
-    raise Invalid(f"format version {short(version)}; this softshare_jax reads version {FORMAT_VERSION}.")
+  if type(version) is not int or version not in READ_VERSIONS:
+    raise Invalid(f"format version {short(version)}; this softshare_jax reads versions {list(READ_VERSIONS)}.")
   if set(info) != {"format", "version", "leaves", "sha256"}:
     raise Invalid(f"its metadata has keys {short(sorted(info))}, not format, version, leaves, sha256.")
   sha = info.pop("sha256")
@@ -232,35 +288,52 @@ def _metadata(header: dict) -> tuple[dict, str, list[Leaf]]:
     raise Invalid(f"its checksum {short(sha)} is not a SHA-256 in hex.")
   if type(info["leaves"]) is not list:
     raise Invalid(f"its leaves {short(info['leaves'])} are not a list.")
-  return info, sha, [_leaf(i, e) for i, e in enumerate(info["leaves"])]
+  return info, sha, [_leaf(i, e, version) for i, e in enumerate(info["leaves"])]
+
+
+def roles(i: int, leaf: Leaf, tensors: dict[str, Tensor]) -> tuple[str, ...]:
+  """The tensor names leaf i owns: an int8 codebook brings its scale."""
+  book = tensors.get(f"{i}/codebook")
+  scale = ("scale",) if leaf.kind != "array" and book is not None and book.st_dtype == "I8" else ()
+  return tuple(f"{i}/{r}" for r in _ROLES[leaf.kind] + scale)
 
 
 def _check_tensors(leaves: list[Leaf], tensors: dict[str, Tensor]) -> None:
   """Every tensor belongs to exactly one leaf, with the dtype and shape the leaf implies."""
-  want = {f"{i}/{role}": (i, role) for i, leaf in enumerate(leaves) for role in _ROLES[leaf.kind]}
+  want = {name: i for i, leaf in enumerate(leaves) for name in roles(i, leaf, tensors)}
   if set(tensors) != set(want):
     extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
     raise Invalid(f"tensor {short(extra[0])} belongs to no leaf." if extra else
-                   f"leaf {want[missing[0]][0]} has no tensor {missing[0]!r}.")
+                   f"leaf {want[missing[0]]} has no tensor {missing[0]!r}.")
   for i, leaf in enumerate(leaves):
     who = f"leaf {i} ({leaf.name!r})"
     if leaf.kind == "array":
-      t, stored = tensors[f"{i}/value"], stored_dtype(leaf.dtype)
+      t, stored = tensors[f"{i}/value"], stored_dtype(leaf.dtype, leaf.version)
       if (t.st_dtype, t.shape) != (ST_NAMES[stored], leaf.shape):
         raise Invalid(f"{who} is {leaf.dtype}{list(leaf.shape)}, stored as {stored}, but its tensor is "
                        f"{ST_DTYPES[t.st_dtype]}{list(t.shape)}.")
       continue
     book = tensors[f"{i}/codebook"]
-    if book.st_dtype != "F32" or len(book.shape) != 1:
-      raise Invalid(f"{who}'s codebook is {ST_DTYPES[book.st_dtype]}{list(book.shape)}, not float32[K].")
-    k = book.shape[0]
+    dtypes = CODEBOOK_ST_DTYPES if leaf.version >= 3 else ("F32",)
+    rows = () if leaf.axis is None else (leaf.groups,)
+    if book.st_dtype not in dtypes or len(book.shape) != len(rows) + 1 or book.shape[:-1] != rows:
+      raise Invalid(f"{who}'s codebook is {ST_DTYPES[book.st_dtype]}{list(book.shape)}, not "
+                     f"{'/'.join(ST_DTYPES[d] for d in dtypes)}{list(rows) + ['K']}.")
+    if book.st_dtype == "I8" and tensors[f"{i}/scale"][:2] != ("F32", rows):
+      t = tensors[f"{i}/scale"]
+      raise Invalid(f"{who}'s scale is {ST_DTYPES[t.st_dtype]}{list(t.shape)}, not float32{list(rows)}.")
+    k = book.shape[-1]
     if k == 0 and (leaf.size or leaf.kind == "hashed"):
       raise Invalid(f"{who} has an empty codebook.")
-    if leaf.bits != index_bits(k):
-      raise Invalid(f"{who} has {leaf.bits}-bit indices; a codebook of {k} needs {index_bits(k)}.")
+    need = index_bits(k) if leaf.version >= 3 else v2_index_bits(k)
+    if leaf.bits != need:
+      raise Invalid(f"{who} has {leaf.bits}-bit indices; a codebook of {k} needs {need}.")
     if leaf.kind == "quantized":
-      t, per = tensors[f"{i}/indices"], max(1, 8 // leaf.bits)
-      want_shape, want_dtype = (-(-leaf.size // per),), ST_NAMES[f"uint{max(leaf.bits, 8)}"]
+      t = tensors[f"{i}/indices"]
+      if leaf.bits <= 8:
+        want_shape, want_dtype = (-(-leaf.size * leaf.bits // 8),), "U8"
+      else:
+        want_shape, want_dtype = (leaf.size,), ST_NAMES[f"uint{leaf.bits}"]
       if (t.st_dtype, t.shape) != (want_dtype, want_shape):
         raise Invalid(f"{who}'s indices are {ST_DTYPES[t.st_dtype]}{list(t.shape)}, not the "
                        f"{ST_DTYPES[want_dtype]}{list(want_shape)} that hold {leaf.size} {leaf.bits}-bit indices.")

@@ -1,7 +1,7 @@
 """Quantized files: safetensors with JSON metadata, checked before use, never pickle.
 
-The layout (format version 2) is written out in :func:`save_quantized` and in
-docs/design.md §4.5. A file is untrusted input: its header is parsed strictly,
+The layout (format version 3; version 2 still loads) is specified in
+docs/file_format.md. A file is untrusted input: its header is parsed strictly,
 everything it declares is checked against the file's own length before
 anything is allocated, and a SHA-256 over the metadata and every tensor finds
 any changed byte. Every way a file can be damaged or foreign raises
@@ -10,6 +10,7 @@ any changed byte. Every way a file can be damaged or foreign raises
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,11 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save as _st_save
 
 from softshare_jax import files
 from softshare_jax import masks
-from softshare_jax.compress.filecheck import digest
+from softshare_jax.compress.filecheck import digest_stream
 from softshare_jax.compress.filecheck import DTYPES
 from softshare_jax.compress.filecheck import FORMAT
 from softshare_jax.compress.filecheck import FORMAT_VERSION
@@ -40,7 +40,13 @@ from softshare_jax.compress.quantized import check_quantized
 from softshare_jax.compress.quantized import is_qleaf
 from softshare_jax.compress.quantized import Quantized
 from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.compress.quantized import index_bits
+from softshare_jax.compress.quantized import pack
+from softshare_jax.compress.quantized import unpack
 from softshare_jax.compress.hashing import hashed_leaf
+
+_READ_CHUNK = 1 << 24  # bytes hashed at a time when a file is loaded
+
 
 class QuantizedFileError(ValueError):
   """A file that :func:`load_quantized` cannot read: truncated, corrupted or foreign.
@@ -65,21 +71,70 @@ def _dtype_name(path: str, dtype: Any) -> str:
   return name
 
 
-def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
-  """Writes a :class:`Quantized` to a safetensors file, atomically.
+def _host(x: Any) -> np.ndarray:
+  return np.ascontiguousarray(jax.device_get(x))
 
-  Tensors: ``"<i>/codebook"`` (float32) and ``"<i>/indices"`` (the packed
-  indices; none for hashed leaves, whose indices follow from the seed) for
-  quantized leaf i, ``"<i>/value"`` for a kept leaf (bfloat16, float8 and
-  complex64 travel as the unsigned int of their width). The safetensors
-  metadata holds one JSON document under ``"softshare_jax"``: the format and
-  version (2), each leaf's path (its key names, less an NNX Variable's
-  trailing ``value``: :func:`softshare_jax.masks.key_names`), kind, shape,
-  dtype, index bits and hash seed, and ``"sha256"``: a SHA-256 over the
-  canonical JSON of the rest of that document (sorted keys, no spaces)
-  followed by each tensor, by name, as the canonical JSON of ``[name,
-  safetensors dtype, shape]`` and its bytes, every part preceded by its
-  length as 8 little-endian bytes.
+
+def _plan(quantized: Quantized) -> tuple[list[dict], dict[str, tuple[str, tuple[int, ...], Any]]]:
+  """The leaves' metadata and each tensor's (dtype, shape, how to get its bytes), reading no data."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(quantized.tree, is_leaf=is_qleaf)
+  entries, tensors = [], {}
+  for i, (keys, leaf) in enumerate(flat):
+    names = list(masks.key_names(keys))  # canonical: an nnx.State's "value" is not stored
+    where = "/".join(names)
+    if is_qleaf(leaf):
+      if leaf.hash_seed is not None and leaf.axis is not None:
+        raise ValueError(f"quantized: hashed leaf {where!r} has axis {leaf.axis}; hashed leaves have one codebook.")
+      book_dtype = _dtype_name(where, leaf.codebook.dtype)
+      if not np.all(np.isfinite(_host(leaf.codebook).astype(np.float32))):  # small: checked before writing
+        raise ValueError(f"quantized: leaf {where!r} has a non-finite codebook entry.")
+      tensors[f"{i}/codebook"] = (book_dtype, tuple(leaf.codebook.shape), leaf.codebook)
+      if leaf.scale is not None:
+        tensors[f"{i}/scale"] = ("float32", tuple(leaf.scale.shape), leaf.scale)
+      entry = {"path": names, "kind": "quantized", "shape": [int(s) for s in leaf.shape],
+               "dtype": _dtype_name(where, leaf.dtype), "bits": int(leaf.bits),
+               "axis": None if leaf.axis is None else list(leaf.axis)}
+      if leaf.hash_seed is None:
+        tensors[f"{i}/indices"] = (np.dtype(leaf.indices.dtype).name, (int(np.size(leaf.indices)),), leaf.indices)
+      else:
+        entry.update(kind="hashed", hash_seed=int(leaf.hash_seed))
+    else:
+      name = _dtype_name(where, getattr(leaf, "dtype", np.asarray(leaf).dtype))
+      tensors[f"{i}/value"] = (stored_dtype(name), tuple(np.shape(leaf)), leaf)
+      entry = {"path": names, "kind": "array", "shape": [int(s) for s in np.shape(leaf)], "dtype": name}
+    entries.append(entry)
+  return entries, tensors
+
+
+def _tensor_bytes(name: str, stored: str, source: Any) -> np.ndarray:
+  """One tensor's bytes, on the host only while it is written."""
+  a = _host(source)
+  return a.reshape(-1).view(np.dtype(jnp.dtype(stored)) if a.dtype.itemsize else a.dtype).view(np.uint8)
+
+
+def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
+  """Writes a :class:`Quantized` to a safetensors file, atomically, one tensor at a time.
+
+  The layout (format version 3) is specified in docs/file_format.md, so a
+  reader in any language can decode it with a safetensors library alone.
+  Tensors: ``"<i>/codebook"`` (float32, bfloat16, float16 or int8; ``(K,)``
+  or ``(groups, K)``), ``"<i>/scale"`` (float32, for int8 codebooks) and
+  ``"<i>/indices"`` (the packed bit stream; none for hashed leaves, whose
+  indices follow from the seed) for quantized leaf i, ``"<i>/value"`` for a
+  kept leaf (bfloat16 as safetensors' BF16; float8 and complex64 travel as
+  the unsigned int of their width). The safetensors metadata holds one JSON
+  document under ``"softshare_jax"``: the format and version (3), each
+  leaf's path (its key names, less an NNX Variable's trailing ``value``:
+  :func:`softshare_jax.masks.key_names`), kind, shape, dtype, index bits,
+  group axes and hash seed, and ``"sha256"``: a SHA-256 over the canonical
+  JSON of the rest of that document (sorted keys, no spaces) followed by
+  each tensor, by name, as the canonical JSON of ``[name, safetensors
+  dtype, shape]`` and its bytes, every part preceded by its length as 8
+  little-endian bytes.
+
+  Memory: the header is laid out from the shapes alone; each tensor is
+  brought to the host, hashed and written in turn (the digest, of fixed
+  length, is filled in last), so saving needs O(largest leaf) host memory.
 
   The file is written as :func:`softshare_jax.files.atomic_path` describes: a
   temporary ``.<name>.softshare-tmp-*`` beside it, then a rename; through a
@@ -88,8 +143,9 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
 
   Raises:
     ValueError: a leaf's dtype is not one a file stores, two leaves share a
-      path, or hashed leaves declare more weights than :func:`load_quantized`
-      accepts from a file this size; nothing is written.
+      path, a codebook entry is not finite, or hashed leaves declare more
+      weights than :func:`load_quantized` accepts from a file this size;
+      nothing is written.
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp
@@ -101,97 +157,111 @@ def save_quantized(path: str | os.PathLike, quantized: Quantized) -> None:
     Array([[ 0.5,  0. ], [ 0.5, -0.5]], dtype=float32)
   """
   check_quantized(quantized)
-  flat, _ = jax.tree_util.tree_flatten_with_path(quantized.tree, is_leaf=is_qleaf)
-  tensors, entries = {}, []
-  for i, (keys, leaf) in enumerate(flat):
-    names = list(masks.key_names(keys))  # canonical: an nnx.State's "value" is not stored
-    where = "/".join(names)
-    if is_qleaf(leaf):
-      book = np.asarray(jax.device_get(leaf.codebook), np.float32).reshape(-1)
-      if not np.all(np.isfinite(book)):
-        raise ValueError(f"quantized: leaf {where!r} has a non-finite codebook entry.")
-      tensors[f"{i}/codebook"] = book
-      entry = {"path": names, "kind": "quantized", "shape": [int(s) for s in leaf.shape],
-               "dtype": _dtype_name(where, leaf.dtype), "bits": int(leaf.bits)}
-      if leaf.hash_seed is None:
-        tensors[f"{i}/indices"] = np.ascontiguousarray(jax.device_get(leaf.indices)).reshape(-1)
-      else:
-        entry.update(kind="hashed", hash_seed=int(leaf.hash_seed))
-    else:
-      a = np.asarray(jax.device_get(leaf))
-      name = _dtype_name(where, a.dtype)
-      tensors[f"{i}/value"] = np.require(a, requirements="C").view(stored_dtype(name))  # keeps 0-d 0-d
-      entry = {"path": names, "kind": "array", "shape": list(a.shape), "dtype": name}
-    entries.append(entry)
+  entries, tensors = _plan(quantized)
   meta = {"format": FORMAT, "version": FORMAT_VERSION, "leaves": entries}
-  sha = digest(meta, [(n, ST_NAMES.get(a.dtype.name, "?"), a.shape, memoryview(a.reshape(-1).view(np.uint8)))
-                       for n, a in tensors.items()])
-  data = _st_save(tensors, metadata={METADATA_KEY: json.dumps({**meta, "sha256": sha})})
+  order = sorted(tensors)  # the digest's order, and the data's
+  header: dict[str, Any] = {}
+  offset = 0
+  for name in order:
+    stored, shape, _ = tensors[name]
+    nbytes = math.prod(shape) * np.dtype(jnp.dtype(stored)).itemsize
+    header[name] = {"dtype": ST_NAMES[stored], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+
+  def head(sha: str) -> bytes:
+    text = json.dumps({"__metadata__": {METADATA_KEY: json.dumps({**meta, "sha256": sha})}, **header}).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text
+
+  placeholder = head("0" * 64)
   try:  # Whatever load_quantized would refuse is refused here, before anything is written.
-    check_layout(data[8:8 + int.from_bytes(data[:8], "little")], len(data))
+    check_layout(placeholder[8:], len(placeholder) + offset)
   except Invalid as e:
     raise ValueError(f"quantized cannot be saved: {e}") from None
-  files.write_bytes_atomic(path, data)
+  h = digest_stream(meta)
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(placeholder)
+    for name in order:
+      stored, shape, source = tensors[name]
+      data = _tensor_bytes(name, stored, source)
+      h.tensor(name, ST_NAMES[stored], shape, data)
+      f.write(data)
+    f.seek(0)
+    f.write(head(h.hexdigest()))  # the same length: a digest is 64 hex digits
+    f.flush()
 
 
 # ----------------------------------------------------------------------------
 # Load.
 
 
-def _read(path: Any) -> tuple[Layout, bytes]:
-  """The checked layout and the tensor bytes; the data is read once, after the header passed."""
-  with open(path, "rb") as f:
-    size = os.fstat(f.fileno()).st_size
-    prefix = f.read(8)
-    if len(prefix) < 8:
-      raise Invalid(f"only {len(prefix)} bytes (truncated, or not a safetensors file).")
-    n = int.from_bytes(prefix, "little")
-    if n > min(size - 8, MAX_HEADER_BYTES):
-      raise Invalid(f"its header claims {n} bytes but the file has {size - 8} after the length, and a "
-                     f"header has at most {MAX_HEADER_BYTES} (truncated, or not a safetensors file).")
-    layout = check_layout(f.read(n), size)  # a short read fails its size check
-    data = f.read(size - 8 - n)
-    if len(data) != size - 8 - n or f.read(1):
-      raise Invalid("the file changed size while it was read.")
-  return layout, data
+def _read_header(f: Any, size: int) -> tuple[Layout, int]:
+  prefix = f.read(8)
+  if len(prefix) < 8:
+    raise Invalid(f"only {len(prefix)} bytes (truncated, or not a safetensors file).")
+  n = int.from_bytes(prefix, "little")
+  if n > min(size - 8, MAX_HEADER_BYTES):
+    raise Invalid(f"its header claims {n} bytes but the file has {size - 8} after the length, and a "
+                   f"header has at most {MAX_HEADER_BYTES} (truncated, or not a safetensors file).")
+  return check_layout(f.read(n), size), 8 + n  # a short read fails its size check
 
 
-def _view(data: bytes, t: Tensor) -> np.ndarray:
-  return np.frombuffer(data, np.dtype(ST_DTYPES[t.st_dtype]), math.prod(t.shape), t.begin).reshape(t.shape)
+def _read_tensor(f: Any, start: int, t: Tensor) -> np.ndarray:
+  f.seek(start + t.begin)
+  raw = f.read(t.end - t.begin)
+  if len(raw) != t.end - t.begin:
+    raise Invalid("the file changed size while it was read.")
+  return np.frombuffer(raw, np.dtype(jnp.dtype(ST_DTYPES[t.st_dtype])), math.prod(t.shape)).reshape(t.shape)
 
 
-def _max_packed_index(who: str, packed: np.ndarray, bits: int, size: int) -> int:
-  """The largest index in ``packed``; the padding after the last index must be zero."""
-  if size == 0 or bits >= 8:
-    return int(packed.max()) if size else -1
-  per, mask = 8 // bits, (1 << bits) - 1
-  if int(packed[-1]) >> ((size - (packed.size - 1) * per) * bits):
-    raise Invalid(f"{who}: the padding after its last index is not zero.")
-  byte = np.arange(256)
-  largest = np.max([(byte >> (j * bits)) & mask for j in range(per)], axis=0).astype(np.uint8)
-  return int(largest[packed].max())  # a lookup per byte: no unpacked copy
+def _check_indices(who: str, packed: np.ndarray, bits: int, size: int, k: int) -> None:
+  """The padding bits after the last index are zero and no index is past its codebook row."""
+  if size == 0 or bits == 0:
+    return
+  if bits <= 8:
+    used = size * bits % 8
+    if used and int(packed[-1]) >> used:
+      raise Invalid(f"{who}: the padding after its last index is not zero.")
+    largest = -1
+    for s in range(0, size, 1 << 20):  # O(chunk) temporaries
+      n = min(1 << 20, size - s)
+      part = packed[s * bits // 8: -(-(s + n) * bits // 8)]
+      largest = max(largest, int(unpack(part, bits, n, np).max()))
+  else:
+    largest = int(packed.max())
+  if largest >= k:
+    raise Invalid(f"{who} has index {largest}, past its codebook of {k}.")
 
 
-def _leaf_from_file(i: int, leaf: Leaf, tensors: dict[str, Tensor], data: bytes) -> Any:
+def _leaf_from_file(i: int, leaf: Leaf, tensors: dict[str, Tensor], read) -> Any:
   who = f"leaf {i} ({leaf.name!r})"
   if leaf.kind == "array":
-    value = _view(data, tensors[f"{i}/value"])
+    value = read(f"{i}/value")
     if leaf.dtype == "bool" and value.size and value.view(np.uint8).max() > 1:
       raise Invalid(f"{who} is bool but holds bytes other than 0 and 1.")
     value = value.view(np.dtype(jnp.dtype(leaf.dtype)))
     if jax.dtypes.canonicalize_dtype(value.dtype) != value.dtype:  # 64-bit without jax_enable_x64
       return value.copy()  # a NumPy array: exact, where jnp.asarray would truncate
     return jnp.asarray(value)
-  book = _view(data, tensors[f"{i}/codebook"])
-  if not np.all(np.isfinite(book)):
+  book = read(f"{i}/codebook")
+  if not np.all(np.isfinite(book.astype(np.float32))):
     raise Invalid(f"{who} has a non-finite codebook entry.")
+  scale = None
+  if f"{i}/scale" in tensors:
+    scale = read(f"{i}/scale")
+    if not np.all(np.isfinite(scale)):
+      raise Invalid(f"{who} has a non-finite scale.")
+    scale = jnp.asarray(scale)
   if leaf.kind == "hashed":
-    return hashed_leaf(np.array(book), leaf.shape, leaf.dtype, leaf.seed)
-  packed = _view(data, tensors[f"{i}/indices"])
-  largest = _max_packed_index(who, packed, leaf.bits, leaf.size)
-  if largest >= book.size:
-    raise Invalid(f"{who} has index {largest}, past its codebook of {book.size}.")
-  return QuantizedLeaf(jnp.asarray(book), jnp.asarray(packed), leaf.shape, leaf.dtype, leaf.bits)
+    out = hashed_leaf(np.array(book), leaf.shape, leaf.dtype, leaf.seed)
+    return out if scale is None else dataclasses.replace(out, scale=scale)
+  packed = read(f"{i}/indices")
+  _check_indices(who, packed, leaf.bits, leaf.size, book.shape[-1])
+  bits = index_bits(book.shape[-1])
+  if bits != leaf.bits:  # a version 2 leaf: repacked at ceil(log2 K) bits, as version 3 stores it
+    packed = pack(unpack(packed, leaf.bits, leaf.size, np), bits)
+  return QuantizedLeaf(jnp.asarray(book), jnp.asarray(packed), leaf.shape, leaf.dtype, bits, None,
+                       leaf.axis, scale)
 
 
 def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
@@ -205,8 +275,8 @@ def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
   and dtypes from closed lists, shapes of at most 32 dimensions whose nonzero
   product is at most 2**48, each tensor named by exactly one leaf with the
   dtype and shape that leaf implies, distinct paths. Then the SHA-256 finds
-  any changed byte. Version 1 files, whose checksum left the metadata out,
-  are refused.
+  any changed byte. Version 3 (docs/file_format.md) and version 2 files
+  load; version 1 files, whose checksum left the metadata out, are refused.
 
   A hashed leaf stores no indices, so it is what grows when loaded (the
   indices are recomputed: about 20 bytes of temporaries per weight). A file's
@@ -227,11 +297,24 @@ def load_quantized(path: str | os.PathLike, *, like: Any = None) -> Quantized:
   Example: see :func:`save_quantized`.
   """
   try:
-    layout, data = _read(path)
-    views = [(n, t.st_dtype, t.shape, memoryview(data)[t.begin:t.end]) for n, t in layout.tensors.items()]
-    if digest(layout.meta, views) != layout.sha256:
-      raise Invalid("its checksum does not match its contents; the file is corrupted.")
-    leaves = [_leaf_from_file(i, leaf, layout.tensors, data) for i, leaf in enumerate(layout.leaves)]
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      layout, start = _read_header(f, size)
+      # First the digest, over every tensor in name order, a chunk at a time; then one leaf at a time.
+      h = digest_stream(layout.meta)
+      for name in sorted(layout.tensors):
+        t = layout.tensors[name]
+        h.begin(name, t.st_dtype, t.shape, t.end - t.begin)
+        f.seek(start + t.begin)
+        for s in range(t.begin, t.end, _READ_CHUNK):
+          chunk = f.read(min(_READ_CHUNK, t.end - s))
+          if not chunk:
+            raise Invalid("the file changed size while it was read.")
+          h.update(chunk)
+      if h.hexdigest() != layout.sha256:
+        raise Invalid("its checksum does not match its contents; the file is corrupted.")
+      leaves = [_leaf_from_file(i, leaf, layout.tensors, lambda name: _read_tensor(f, start, layout.tensors[name]))
+                for i, leaf in enumerate(layout.leaves)]
   except Invalid as e:
     raise QuantizedFileError(f"{os.fspath(path)!s} is not a readable softshare_jax quantized file: {e}") from None
   paths = [list(leaf.path) for leaf in layout.leaves]

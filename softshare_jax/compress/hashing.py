@@ -38,7 +38,8 @@ def hashed_leaf(codebook: np.ndarray, shape: tuple[int, ...], dtype: str, seed: 
                        dtype, bits, int(seed))
 
 
-def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None, mask: Any = None) -> Quantized:
+def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None, mask: Any = None,
+                  axis: Any = None) -> Quantized:
   """The hashing trick of HashedNets (Chen et al. 2015): shared values by position.
 
   Weight i of a masked tensor belongs to bucket h(i) ∈ [0, num_buckets), a
@@ -56,6 +57,8 @@ def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None
     num_buckets: >= 1, buckets per tensor.
     key: a PRNG key (required).
     mask: which leaves (default: float leaves with ndim >= 2).
+    axis: must be None: a bucket is a hash of the flat position, shared by
+      the whole tensor (HashedNets), so there is no per-group codebook.
 
   Returns:
     A :class:`Quantized` whose leaves have ``hash_seed`` set.
@@ -67,6 +70,9 @@ def hash_clusters(params: Any, num_buckets: int, *, key: jax.Array | None = None
     >>> q.tree["w"].codebook.shape, ss.dequantize(q)["w"].sum()
     ((4,), Array(64., dtype=float32))
   """
+  if axis is not None:
+    raise ValueError(f"hash_clusters: axis must be None, got {axis!r}; a hashed tensor's buckets are shared by "
+                     "the whole tensor. For one codebook per group use quantize or cluster_weights with axis=.")
   checks.check_int("num_buckets", num_buckets, high=2**31 - 1)
   key = checks.require_key("hash_clusters", key)
 

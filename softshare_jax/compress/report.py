@@ -13,13 +13,16 @@ import os
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from softshare_jax import masks
 from softshare_jax.compress.quantized import check_quantized
 from softshare_jax.compress.quantized import is_qleaf
 from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantized import group_ids
 from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.compress.quantized import unpack
 from softshare_jax.mixture.model import check_finite_mixture
 
 _HUFFMAN_LENGTH_BITS = 8  # a canonical Huffman table sends one code length per symbol
@@ -45,6 +48,8 @@ class LeafReport:
     packed_bits: what :func:`save_quantized` stores: the packed indices and
       the codebook (no header).
     dense_bits: the float32 baseline, 32 per weight.
+    own_bits: the params' own dtype's baseline (16 per weight of a bfloat16
+      leaf), what the ``*_own`` ratios compare against.
   """
 
   path: str
@@ -57,6 +62,20 @@ class LeafReport:
   huffman_bits: int
   packed_bits: int
   dense_bits: int
+  own_bits: int = 0
+
+  @property
+  def ratio_own(self) -> float:
+    """Compression ratio of the CSR format against the params' own dtype."""
+    return self.own_bits / max(self.csr_bits, 1)
+
+  @property
+  def ratio_own_huffman(self) -> float:
+    return self.own_bits / max(self.huffman_bits, 1)
+
+  @property
+  def ratio_own_packed(self) -> float:
+    return self.own_bits / max(self.packed_bits, 1)
 
   @property
   def ratio(self) -> float:
@@ -73,7 +92,8 @@ class LeafReport:
 
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "ratio": self.ratio, "ratio_huffman": self.ratio_huffman,
-            "ratio_packed": self.ratio_packed}
+            "ratio_packed": self.ratio_packed, "ratio_own": self.ratio_own,
+            "ratio_own_huffman": self.ratio_own_huffman, "ratio_own_packed": self.ratio_own_packed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +165,11 @@ class CompressionReport:
     return self.total.ratio
 
   @property
+  def ratio_own(self) -> float:
+    """The whole model's CSR ratio against its own dtypes (16 bits per bfloat16 weight)."""
+    return self.total.ratio_own
+
+  @property
   def file_ratio(self) -> float | None:
     """Dense float32 bytes over the file's bytes."""
     return None if not self.file_bytes else self.total.dense_bits / 8 / self.file_bytes
@@ -169,6 +194,10 @@ class CompressionReport:
 
     lines = [line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
     lines[-1:-1] = ["  ".join("-" * w for w in widths)]
+    if self.total.own_bits != self.total.dense_bits:
+      t = self.total
+      lines.append(f"against the params' own dtypes ({t.own_bits} bits, not {t.dense_bits} of float32): "
+                   f"CSR {t.ratio_own:.1f}x, Huffman {t.ratio_own_huffman:.1f}x, packed {t.ratio_own_packed:.1f}x")
     if self.file_bytes is not None:
       lines.append(f"file: {self.file_bytes} bytes, {self.file_ratio:.1f}x smaller than "
                    f"{self.total.dense_bits // 8} bytes of float32")
@@ -207,22 +236,47 @@ def csr_rows(shape: tuple[int, ...]) -> tuple[int, int]:
   return shape[-1], math.prod(shape[:-1])
 
 
+def group_entries(book: np.ndarray) -> np.ndarray:
+  """Each codebook row's own entry count: K less the padding (repeats of the row's last entry)."""
+  rows = book.reshape(-1, book.shape[-1])
+  if rows.shape[1] == 0:
+    return np.zeros(rows.shape[0], np.int64)
+  differs = rows != rows[:, -1:]
+  last = np.where(differs.any(axis=1), rows.shape[1] - 1 - np.argmax(differs[:, ::-1], axis=1), -1)
+  return last + 2
+
+
+def codebook_bits(q: QuantizedLeaf, entries: int) -> int:
+  """``entries`` codebook entries at the codebook dtype's width, plus a 32-bit scale per int8 group."""
+  width = 8 * np.dtype(q.codebook.dtype).itemsize
+  return width * entries + (32 * q.groups if q.scale is not None else 0)
+
+
 def _quantized_report(path: str, q: QuantizedLeaf) -> LeafReport:
-  book = np.asarray(q.codebook, np.float32)
-  k = int(book.size)
-  idx = np.asarray(q.unpacked()).reshape(q.shape)
-  codebook_bits = 32 * k
-  nonzeros = int(np.count_nonzero(book[idx]))
+  book = np.asarray(jax.device_get(q.codebook))
+  k = int(book.shape[-1]) if book.ndim else 0
+  own_bits = 8 * np.dtype(jnp.dtype(q.dtype)).itemsize * q.size
   dense_bits = 32 * q.size
+  # Which entries are zero in the leaf's dtype (a small table), then one lookup per weight: no decoded copy.
+  table = np.asarray(jax.device_get(q.table()))
+  zero = (table.astype(np.dtype(jnp.dtype(q.dtype))) == 0).reshape(-1)
+  idx = np.asarray(unpack(np.asarray(jax.device_get(q.indices)), q.bits, q.size, np))
+  code = idx if q.axis is None else np.asarray(group_ids(q.shape, q.axis)).reshape(-1) * max(k, 1) + idx
+  nonzero = ~zero[code] if zero.size else np.zeros(q.size, bool)
+  del code
+  nonzeros = int(np.count_nonzero(nonzero))
   if q.hash_seed is not None:
-    bits = codebook_bits + 32  # the buckets and the seed; the indices are recomputed.
-    return LeafReport(path, "hashed", q.size, nonzeros, k, 0, bits, bits, bits, dense_bits)
+    bits = codebook_bits(q, book.size) + 32  # the buckets and the seed; the indices are recomputed.
+    return LeafReport(path, "hashed", q.size, nonzeros, k, 0, bits, bits, bits, dense_bits, own_bits)
+  own_entries = int(group_entries(book).sum()) if q.size else 0
+  book_bits = codebook_bits(q, own_entries)  # every group's own entries, not the padding
+  idx = idx.reshape(q.shape)
   kind = "conv" if len(q.shape) >= 3 else "dense"
   rel_bits = 8 if kind == "conv" else 5
   span = 1 << rel_bits
   rows, length = csr_rows(q.shape)
   by_row = np.moveaxis(idx.reshape(q.shape or (1,)), -1, 0).reshape(rows, length)
-  r, c = np.nonzero(book[by_row] != 0)  # row-major: sorted by row, then column
+  r, c = np.nonzero(np.moveaxis(nonzero.reshape(q.shape or (1,)), -1, 0).reshape(rows, length))
   prev = np.where(np.r_[True, r[1:] != r[:-1]], -1, np.r_[-1, c[:-1]]) if r.size else c
   gaps = c - prev  # >= 1; the first non-zero of a row counts from column −1
   fillers_each = (gaps - 1) // span
@@ -230,18 +284,17 @@ def _quantized_report(path: str, q: QuantizedLeaf) -> LeafReport:
   entries = nonzeros + fillers
   index_bits = math.ceil(math.log2(k)) if k > 1 else 0
   pointer_bits = (rows + 1) * max(1, math.ceil(math.log2(entries + 1)))
-  csr = entries * (rel_bits + index_bits) + codebook_bits + pointer_bits
-  # Huffman: a filler is the symbol "span" (the largest gap) with the zero entry's index.
+  csr = entries * (rel_bits + index_bits) + book_bits + pointer_bits
+  # Huffman: a filler is the symbol "span" (the largest gap) with a zero weight's most common index.
   rel_counts = np.bincount(gaps - fillers_each * span, minlength=span + 1)
   rel_counts[span] += fillers
   book_counts = np.bincount(by_row[r, c], minlength=k)
   if fillers:
-    book_counts[int(np.flatnonzero(book == 0)[0])] += fillers
+    book_counts[int(np.argmax(np.bincount(idx.reshape(-1)[~nonzero], minlength=k)))] += fillers
   tables = _HUFFMAN_LENGTH_BITS * (span + k)
-  huffman = (huffman_bits(rel_counts) + huffman_bits(book_counts) + tables + codebook_bits
-             + pointer_bits)
-  packed = 8 * int(np.asarray(q.indices).nbytes) + codebook_bits
-  return LeafReport(path, kind, q.size, nonzeros, k, fillers, csr, huffman, packed, dense_bits)
+  huffman = (huffman_bits(rel_counts) + huffman_bits(book_counts) + tables + book_bits + pointer_bits)
+  packed = 8 * int(np.asarray(q.indices).nbytes) + codebook_bits(q, book.size)  # the file stores the padding
+  return LeafReport(path, kind, q.size, nonzeros, k, fillers, csr, huffman, packed, dense_bits, own_bits)
 
 
 def _as_numbers(x) -> np.ndarray:
@@ -285,8 +338,11 @@ def _components(quantized: Quantized, mixture) -> tuple[ComponentQuality, ...]:
   for _, leaf in quantized.leaves_with_paths():
     if not is_qleaf(leaf) or leaf.size == 0:
       continue
-    book = np.asarray(jax.device_get(leaf.codebook), np.float64)
-    per_entry = np.bincount(np.asarray(jax.device_get(leaf.unpacked())), minlength=book.size)
+    book = np.asarray(jax.device_get(leaf.table()), np.float64).reshape(-1)  # every group's entries
+    code = np.asarray(jax.device_get(leaf.unpacked())).astype(np.int64)
+    if leaf.axis is not None:
+      code += np.asarray(jax.device_get(leaf.group_ids())).reshape(-1).astype(np.int64) * leaf.entries
+    per_entry = np.bincount(code, minlength=book.size)
     # After keep_clusters fine-tuning the entries have moved off the means: the nearest mean is the owner.
     nearest = np.argmin(np.abs(book[:, None] - means[None, :]), axis=1)
     counts += np.bincount(nearest, weights=per_entry, minlength=means.size)
@@ -325,20 +381,27 @@ def compression_report(quantized: Quantized, *, path: str | os.PathLike | None =
     entry of its row (from column −1 at the row start) is 1..2^bits; a larger
     gap first stores ⌈gap / 2^bits⌉ − 1 filler zeros, each a full entry.
   * Codebook indices: ⌈log2 K⌉ bits per stored entry (fillers included), K
-    the leaf's codebook size counting the zero entry.
-  * Codebook: 32 bits per entry.
+    the leaf's codebook size counting the zero entry (with grouped codebooks,
+    ``axis=``, K is the largest group's).
+  * Codebook: every group's own entries (its padding not counted) at the
+    codebook dtype's width: 32 bits for float32, 16 for bfloat16/float16, 8
+    for int8 plus a 32-bit scale per group.
   * Row pointers: rows + 1 of them, each ⌈log2(E + 1)⌉ bits, E the stored
     entries (the narrowest fixed width that can hold them).
   * Huffman variant: both index streams Huffman-coded (optimal code lengths
     from the leaf's own counts), plus a canonical code table of 8 bits per
     symbol of each alphabet (2^bits gaps and K indices).
-  * Packed: the 2/4/8-bit indices of the file, plus the codebook.
-  * Hashed leaves: the buckets (32 bits each) and a 32-bit seed.
+  * Packed: the ⌈log2 K⌉-bit index stream of the file, plus the codebook as
+    the file stores it (``groups × K`` entries, padding included).
+  * Hashed leaves: the buckets (at the codebook dtype's width) and a 32-bit
+    seed.
   * Leaves that were not quantized: their own dtype's bits per value in every
     scheme (biases stay float32).
 
   The baseline is 32 bits per value of every leaf, so the totals' ratio is
-  the whole model's compression, kept leaves included.
+  the whole model's compression, kept leaves included; ``own_bits`` and the
+  ``ratio_own*`` properties compare against the params' own dtypes instead
+  (a bfloat16 model's 16 bits per weight).
 
   Quality. A ratio says nothing about what quantizing cost, so the report
   can also compare (it cannot measure accuracy: evaluate the dequantized
@@ -408,7 +471,7 @@ def compression_report(quantized: Quantized, *, path: str | os.PathLike | None =
       a = np.asarray(jax.device_get(leaf))
       bits = a.size * a.dtype.itemsize * 8
       rows.append(LeafReport(leaf_path, "kept", a.size, int(np.count_nonzero(a)), 0, 0, bits, bits, bits,
-                             32 * a.size))
+                             32 * a.size, bits))
   sums = [sum(getattr(r, f.name) for r in rows) for f in dataclasses.fields(LeafReport)[2:]]
   total = LeafReport("total", "", *sums)
   file_bytes = None if path is None else os.path.getsize(path)

@@ -49,8 +49,8 @@ def em_step(
   A component with N_j < 1e-6 (it has lost its mass) keeps its old mean,
   precision and proportion. Damping d blends every quantity with its old
   value, new = d·old + (1 − d)·closed form, in the means, log-precisions and
-  proportions. The statistics are summed in chunks of at most 2^16 weights
-  (fewer when K > 64, so that chunk × K ≤ 2^22), so memory is bounded
+  proportions. The statistics are summed in chunks with chunk × K ≤ 2^18 on CPU
+  (2^26 on GPU/TPU; ``statistics.default_chunk``), so memory is bounded
   whatever the number of weights and components.
 
   Weights the mixture cannot evaluate are ignored: NaN, ±Inf, and weights so

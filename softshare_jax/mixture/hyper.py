@@ -84,3 +84,53 @@ def hyper_cost(m: Mixture, precision_prior: Any, zero_precision_prior: Any, zero
     z = jnp.asarray(m.zero_logit, jnp.float32)
     cost = cost - (a - 1.0) * jax.nn.log_sigmoid(z) - (b - 1.0) * jax.nn.log_sigmoid(-z)
   return cost
+
+
+# The default precision prior of ``mixture_prior`` (and ``mixture_penalty`` on request): Fraley &
+# Raftery's (2007) weakly informative conjugate prior for 1-D mixtures, σ_j² ~ InvGamma(ν/2, ς²/2)
+# with ν = 3 and ς² = var(w) / K², i.e. λ_j ~ Gamma(3/2, var(w) / (2 K²)). Its β bounds every
+# precision, λ_j ≤ (N_j/2 + 1/2) / β, so a component holding one weight keeps σ ≥ std(w)/(K √2)
+# instead of collapsing to the degenerate σ → 0 maximum of the likelihood; with many weights per
+# component it is negligible (a pseudo-count of one weight of spread std(w)/K).
+AUTO = "auto"
+AUTO_ALPHA = 1.5
+
+
+def check_precision_prior(name: str, value: Any) -> Any:
+  """None, ``"auto"`` (:func:`auto_precision_prior`), or a checked Gamma(α, β) pair."""
+  if isinstance(value, str):
+    if value != AUTO:
+      raise ValueError(f"{name} must be None, {AUTO!r} or a pair (alpha, beta), got {value!r}.")
+    return AUTO
+  return check_gamma_prior(name, value)
+
+
+def auto_precision_prior(variance: jax.Array, num_components: int) -> tuple[jax.Array, jax.Array]:
+  """Gamma(3/2, var(w) / (2 K²)): Fraley & Raftery's (2007) default prior on a 1-D precision.
+
+  ``variance`` is the variance of the weights the mixture models; it is
+  floored at 1e-30 (all weights equal: the prior stays proper) and not
+  differentiated (an empirical-Bayes scale, not part of the objective).
+  """
+  var = jnp.maximum(jax.lax.stop_gradient(jnp.asarray(variance, jnp.float32)), 1e-30)
+  return jnp.asarray(AUTO_ALPHA, jnp.float32), var / (2.0 * float(num_components) ** 2)
+
+
+def resolve_precision_priors(m: Mixture, precision_prior: Any, zero_precision_prior: Any,
+                             variance: jax.Array) -> tuple[Any, Any]:
+  """The two priors with ``"auto"`` replaced by :func:`auto_precision_prior` of ``variance``."""
+  auto = auto_precision_prior(variance, m.num_components)
+  return tuple(auto if isinstance(p, str) else p for p in (precision_prior, zero_precision_prior))
+
+
+def weight_variance(m: Mixture, stats: Any) -> jax.Array:
+  """The variance of the weights summed in ``stats`` (a ``statistics.Statistics`` taken at ``m``).
+
+  From the per-component sums alone, Σ w = Σ_j (N_j μ_j + S1_j) and
+  Σ w² = Σ_j (S2_j + 2 μ_j S1_j + N_j μ_j²), so no second pass over the weights.
+  """
+  mu = m.means
+  n = jnp.maximum(stats.count, 1.0)
+  mean = jnp.sum(stats.mass * mu + stats.first) / n
+  second = jnp.sum(stats.second + 2.0 * mu * stats.first + stats.mass * jnp.square(mu)) / n
+  return jnp.maximum(second - jnp.square(mean), 0.0)

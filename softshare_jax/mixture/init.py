@@ -1,4 +1,14 @@
-"""Starting mixtures for given weights: evenly spaced, quantiles or k-means++."""
+"""Starting mixtures for given weights: evenly spaced, quantiles or k-means++.
+
+The quantiles (``init="quantile"``) and the median |w| (the zero component's
+width) come from exact order statistics found without sorting the weights (an
+XLA sort of 3e7 floats takes seconds on a CPU): a radix select in JAX, two
+counting passes over the float32 bit patterns, the same code concrete or
+under ``jit``; then linear interpolation as ``np.quantile``'s, in float32.
+Every pass (those and the min/max/stddev) reads the weights 2^20 at a time:
+this XLA materializes the operands of reductions and scatters, which took
+~7× the weights' memory on whole arrays.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softshare_jax.checks import check_choice
 from softshare_jax.checks import check_int
@@ -20,6 +31,13 @@ from softshare_jax.mixture.model import usable
 
 INITS = ("range", "quantile", "kmeans++")
 _KMEANS_ITERATIONS = 10
+# init="kmeans++" seeds and iterates on this many weights drawn uniformly when there are more:
+# on all 3.4e7 weights of a large model it took ~50 s on a CPU (k passes to seed, 10 scatters).
+KMEANS_SAMPLE = 1 << 16
+_INVALID_KEY = 0xFFFFFFFF  # the order key of one NaN bit pattern: above every usable weight's key
+_RADIX = 1 << 16  # buckets per pass of the radix select (two passes of 16 bits)
+_SELECT_ROWS = 32  # ranks per second pass: at most 32 × 2^16 int32 (8 MiB) of counts
+_CHUNK = 1 << 20  # weights per step of a counting pass
 
 
 def _spacing_stddevs(means: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -76,6 +94,233 @@ def kmeans_pp(w: jax.Array, k: int, key: jax.Array, valid: jax.Array | None = No
   return jnp.sort(centres)
 
 
+def quantile_ranks(m: Any, num: Any, den: int) -> tuple[Any, Any, Any]:
+  """Ranks and weight of the linear-interpolation quantile ``num/den`` of ``m`` values.
+
+  ``np.quantile``'s ``"linear"`` method: the virtual index (m − 1)·num/den,
+  here in exact integer arithmetic (no overflow for den² < 2³¹), gives the
+  0-based ranks ``lo`` <= ``hi`` <= lo + 1 of the two order statistics and
+  the weight ``t = rem/den`` of the upper one. Works on Python ints, NumPy
+  and JAX integer arrays (``num`` may be an array).
+
+  Example:
+    >>> quantile_ranks(10, 1, 2)  # the median of 10 values: halfway between ranks 4 and 5
+    (4, 5, 0.5)
+  """
+  last = m - 1
+  a, b = last // den, last % den
+  lo = a * num + (b * num) // den
+  rem = (b * num) % den
+  hi = lo + (rem > 0)
+  return lo, hi, rem / den
+
+
+def _lerp(a: jax.Array, b: jax.Array, t: jax.Array) -> jax.Array:
+  """``np.quantile``'s interpolation between neighbouring order statistics (exact at t = 0 and 1)."""
+  d = b - a
+  return jnp.where(t >= 0.5, b - d * (1 - t), a + d * t)
+
+
+def _order_keys(w: jax.Array, valid: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 values; unusable weights get :data:`_INVALID_KEY`."""
+  bits = jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.uint32)
+  sign = jnp.uint32(0x80000000)
+  keys = jnp.where(bits >= sign, ~bits, bits | sign)
+  return jnp.where(valid, keys, jnp.uint32(_INVALID_KEY))
+
+
+def _from_keys(keys: jax.Array) -> jax.Array:
+  sign = jnp.uint32(0x80000000)
+  bits = jnp.where(keys >= sign, keys ^ sign, ~keys)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _locate(counts: jax.Array, row: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """In row ``row[q]`` of ``counts`` (R × 2^16 bucket counts), the bucket holding 0-based rank ``r[q]``.
+
+  That is the first bucket whose cumulative count exceeds ``r``; returned with
+  the count of the buckets before it. Two levels of 256: block totals, then
+  inside the rank's block only, so each rank costs O(2^8) after O(R · 2^16),
+  with cumulative sums as small triangular products (XLA's CPU cumsum of 2^16
+  entries is ~15× slower to run and ~3× slower to compile).
+  """
+  tri = jnp.triu(jnp.ones((256, 256), jnp.int32))
+  blocks = counts.reshape(counts.shape[0], 256, 256)
+  cum = jnp.matmul(jnp.sum(blocks, axis=2), tri, preferred_element_type=jnp.int32)[row]  # (Q, 256)
+  block = jnp.sum(cum <= r[:, None], axis=1, dtype=jnp.int32)  # a count, not a search: cheap to compile
+  base = jnp.where(block > 0, jnp.take_along_axis(cum, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0)
+  inner = jnp.matmul(blocks[row, jnp.minimum(block, 255)], tri, preferred_element_type=jnp.int32)  # (Q, 256)
+  pos = jnp.sum(inner <= (r - base)[:, None], axis=1, dtype=jnp.int32)
+  below = base + jnp.where(pos > 0, jnp.take_along_axis(inner, jnp.maximum(pos - 1, 0)[:, None], 1)[:, 0], 0)
+  return block * 256 + pos, below
+
+
+def _over_chunks(n: int, step: Any, carry: Any) -> Any:
+  """``carry = step(carry, start, length)`` over [0, n) in chunks of :data:`_CHUNK` (a loop, then the rest).
+
+  Chunks keep every temporary at O(_CHUNK) whatever n: this XLA materializes
+  the operands of scatters and reductions, so n-sized keys, masks and bucket
+  indices took up to ~7× the weights' memory.
+  """
+  full, rest = divmod(n, _CHUNK)
+  if full:
+    carry = jax.lax.fori_loop(0, full, lambda i, c: step(c, i * _CHUNK, _CHUNK), carry)
+  return step(carry, full * _CHUNK, rest) if rest else carry
+
+
+def _count(keys_of: Any, n: int, size: int, index_of: Any) -> jax.Array:
+  """A histogram of ``index_of(keys)`` over all n keys (indices >= size dropped), chunk by chunk."""
+  add = lambda h, start, length: h.at[index_of(keys_of(start, length))].add(1, mode="drop")  # noqa: E731
+  return _over_chunks(n, add, jnp.zeros((size,), jnp.int32))
+
+
+def _usable_stats(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """min, max and (population) stddev of the usable weights, NaN when none is; two chunked passes."""
+  n = w.shape[0]
+
+  def first(carry, start, length):
+    count, lo, hi, total = carry
+    x = jax.lax.dynamic_slice_in_dim(w, start, length)
+    ok = usable(x)
+    return (count + jnp.sum(ok, dtype=jnp.float32), jnp.minimum(lo, jnp.min(jnp.where(ok, x, jnp.inf))),
+            jnp.maximum(hi, jnp.max(jnp.where(ok, x, -jnp.inf))), total + jnp.sum(jnp.where(ok, x, 0.0)))
+
+  zero = jnp.zeros((), jnp.float32)
+  count, lo, hi, total = _over_chunks(n, first, (zero, jnp.float32(jnp.inf), jnp.float32(-jnp.inf), zero))
+  mean = total / count
+
+  def second(acc, start, length):
+    x = jax.lax.dynamic_slice_in_dim(w, start, length)
+    return acc + jnp.sum(jnp.where(usable(x), jnp.square(x - mean), 0.0))
+
+  nothing = jnp.where(count > 0, 0.0, jnp.nan)  # as nanmin's NaN when no weight is usable
+  return lo + nothing, hi + nothing, jnp.sqrt(_over_chunks(n, second, zero) / count)
+
+
+def _select(keys_of: Any, n: int, ranks: jax.Array) -> jax.Array:
+  """The keys of the given 0-based ranks (exact order statistics): a two-pass radix select, no sort.
+
+  ``keys_of(start, length)`` gives the keys of positions start..start+length.
+  Pass 1 counts the keys per upper 16 bits, which places every rank in one
+  bucket; pass 2 counts the lower 16 bits of the keys in those buckets only
+  (a table maps a bucket to its row), which places it within. Ranks share a
+  row when they share a bucket, so the second pass's counts take at most
+  ``_SELECT_ROWS`` × 2^16 int32 per group of ranks, whatever n.
+  """
+  high = lambda k: (k >> 16).astype(jnp.int32)  # noqa: E731
+  first = _count(keys_of, n, _RADIX, high).reshape(1, _RADIX)
+  out = []
+  for g in range(0, ranks.shape[0], _SELECT_ROWS):
+    r = ranks[g:g + _SELECT_ROWS]
+    rows = r.shape[0]
+    bucket, below = _locate(first, jnp.zeros_like(r), r)
+    # Ranks in one bucket share a row: whichever of their rows the scatter keeps, all of them read it.
+    table = jnp.full((_RADIX,), rows, jnp.int32).at[bucket].set(jnp.arange(rows, dtype=jnp.int32))
+
+    def index(k, table=table):  # row ``rows`` (a bucket without a rank) falls off the end
+      return table[high(k)] * _RADIX + (k & jnp.uint32(_RADIX - 1)).astype(jnp.int32)
+
+    counts = _count(keys_of, n, rows * _RADIX, index).reshape(rows, _RADIX)
+    low, _ = _locate(counts, table[bucket], r - below)
+    out.append((bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32))
+  return jnp.concatenate(out)
+
+
+def _keys_of(w: jax.Array, valid: jax.Array | None, magnitude: bool = False) -> Any:
+  def keys_of(start, length):
+    x = jax.lax.dynamic_slice_in_dim(w, start, length)
+    ok = usable(x) if valid is None else jax.lax.dynamic_slice_in_dim(valid, start, length)
+    return _order_keys(jnp.abs(x) if magnitude else x, ok)
+  return keys_of
+
+
+def order_statistics(w: jax.Array, valid: jax.Array | None, ranks: jax.Array, *,
+                     magnitude: bool = False) -> jax.Array:
+  """The exact order statistics of the given 0-based ``ranks`` among ``w[valid]``, without a sort.
+
+  ``np.sort(w[valid])[ranks]`` as float32 (of ``|w|`` with ``magnitude``;
+  ranks must be below the number of valid weights), found by
+  :func:`_select`: two counting passes over the float32 bit patterns,
+  traceable, O(n) time, temporaries of O(2^20) whatever n.
+
+  Args:
+    w: float32 weights, 1-D.
+    valid: bools of ``w``'s shape: which weights count (None: the usable
+      ones, finite and at most ``MAX_WEIGHT`` in magnitude).
+    ranks: int32 ranks, any order.
+    magnitude: rank ``|w|`` instead of ``w``.
+
+  Returns:
+    float32 values, one per rank.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([3.0, jnp.nan, -1.0, 2.0, 10.0])
+    >>> order_statistics(w, jnp.isfinite(w), jnp.array([0, 3, 1])).tolist()
+    [-1.0, 10.0, 2.0]
+  """
+  return _from_keys(_select(_keys_of(w, valid, magnitude), w.shape[0], jnp.asarray(ranks, jnp.int32)))
+
+
+def _quantile_terms(w: jax.Array, valid: jax.Array | None, nums: np.ndarray, den: int,
+                    magnitude: bool = False) -> tuple[jax.Array, ...]:
+  if valid is None:
+    count = lambda m, start, length: m + jnp.sum(usable(jax.lax.dynamic_slice_in_dim(w, start, length)),  # noqa: E731
+                                                 dtype=jnp.int32)
+    m = _over_chunks(w.shape[0], count, jnp.zeros((), jnp.int32))
+  else:
+    m = jnp.sum(valid, dtype=jnp.int32)
+  lo, hi, t = quantile_ranks(m, jnp.asarray(nums, jnp.int32), den)
+  both = order_statistics(w, valid, jnp.clip(jnp.concatenate([lo, hi]), 0), magnitude=magnitude)
+  lower, upper = jnp.split(jnp.where(m > 0, both, jnp.nan), 2)
+  return lower, upper, t.astype(jnp.float32)
+
+
+def quantiles(w: jax.Array, valid: jax.Array | None, nums: np.ndarray, den: int, *,
+              magnitude: bool = False) -> jax.Array:
+  """The quantiles ``nums/den`` of ``w[valid]`` as ``np.quantile`` (``"linear"``) computes them, without a sort.
+
+  The same exact order statistics (:func:`order_statistics`), interpolated
+  in float32 with ``np.quantile``'s formula instead of float64: within 2
+  float32 ulps of the larger of the two order statistics. NaN when no weight
+  is valid. Traceable; ``den``² must stay below 2³¹.
+
+  Args:
+    w: float32 weights, 1-D.
+    valid: bools of ``w``'s shape: which weights count (None: the usable ones).
+    nums: integer numerators (a NumPy array).
+    den: the common denominator.
+    magnitude: quantiles of ``|w|`` instead of ``w``.
+
+  Returns:
+    float32 quantiles, one per numerator.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> w = jnp.array([3.0, jnp.nan, 1.0, 2.0, 10.0])
+    >>> quantiles(w, jnp.isfinite(w), np.array([0, 2, 3]), 4).tolist()  # min, median, 3/4
+    [1.0, 2.5, 4.75]
+  """
+  return _lerp(*_quantile_terms(w, valid, nums, den, magnitude))
+
+
+def _kmeans_start(w: jax.Array, f: int, key: jax.Array, evenly: jax.Array) -> jax.Array:
+  """:func:`kmeans_pp` on all the weights up to :data:`KMEANS_SAMPLE`, else on a uniform sample of that many.
+
+  Drawn with replacement over all positions, the unusable ones masked out. A
+  sample with no usable weight (possible only when nearly none is) gives
+  ``evenly`` (the "range" means) instead: k-means++ on all the weights as a
+  fallback would cost its full-size memory even when not taken.
+  """
+  n = w.shape[0]
+  if n <= KMEANS_SAMPLE:
+    return kmeans_pp(w, f, key, usable(w))
+  pick_key, seed_key = jax.random.split(key)
+  sample = w[jax.random.randint(pick_key, (KMEANS_SAMPLE,), 0, n)]
+  live = usable(sample)
+  return jnp.where(jnp.any(live), kmeans_pp(sample, f, seed_key, live), evenly)
+
+
 def init_mixture(
     weights: Any,
     num_components: int,
@@ -92,9 +337,11 @@ def init_mixture(
   - ``"range"``: means evenly spaced over [min w, max w];
   - ``"quantile"``: means at the quantiles (k + ½)/F, k = 0..F−1, of the
     weights (the medians of F equal-mass bins; linear interpolation as
-    ``np.quantile``);
+    ``np.quantile``, of the same exact order statistics, in float32: within
+    2 ulps of the larger of the two);
   - ``"kmeans++"``: k-means++ seeding with ``key``, then 10 Lloyd iterations,
-    sorted.
+    sorted; on a uniform sample of 2^16 weights (drawn with ``key``) when
+    there are more.
 
   NaN and ±Inf weights are ignored (a diverged weight must not make the
   starting mixture NaN); with no finite weight at all it raises a
@@ -157,21 +404,20 @@ def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _start(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
-  # NaN stands for every unusable weight, so that the nan-reductions skip them.
-  finite = usable(w)
-  w = jnp.where(finite, w, jnp.nan)
-  lo, hi = jnp.nanmin(w), jnp.nanmax(w)
-  spread = jnp.nanstd(w)
+  # Unusable weights are left out of every statistic, chunk by chunk (jnp.nanstd & co. on a NaN-masked
+  # copy took ~6x the weights' memory).
+  lo, hi, spread = _usable_stats(w)
   if init == "range":
     means = (lo + hi) / 2 * jnp.ones((1,)) if f == 1 else jnp.linspace(lo, hi, f)
   elif init == "quantile":
-    means = jnp.nanquantile(w, (jnp.arange(f, dtype=jnp.float32) + 0.5) / f)
+    means = quantiles(w, None, 2 * np.arange(f) + 1, 2 * f)
   else:
-    means = kmeans_pp(w, f, key, finite)
+    evenly = (lo + hi) / 2 * jnp.ones((1,)) if f == 1 else jnp.linspace(lo, hi, f)
+    means = _kmeans_start(w, f, key, evenly)
   stds = jnp.maximum(_spacing_stddevs(means.astype(jnp.float32), spread), 1e-6)
   log_prec = -2.0 * jnp.log(stds)
   if zero_component:
-    zero_std = jnp.maximum(1.4826 * jnp.nanmedian(jnp.abs(w)), 1e-6)
+    zero_std = jnp.maximum(1.4826 * quantiles(w, None, np.array([1]), 2, magnitude=True)[0], 1e-6)
     log_prec = jnp.concatenate([(-2.0 * jnp.log(zero_std))[None], log_prec])
     zero_logit = jnp.log(zero_weight) - jnp.log1p(-zero_weight)
   else:

@@ -10,6 +10,14 @@ centred on the current means so that the second moment is free of
 cancellation. They are computed here and only here, ``chunk`` weights at a
 time, so that nothing of size weights × components outlives a chunk.
 
+The pass keeps each leaf's shape (:func:`block_shape`): a block takes an
+even share of every axis, so under SPMD sharding each device evaluates its
+own weights, the per-weight gradient keeps the params' sharding, and only the
+O(K) statistics are summed across devices. The chunk depends on the platform
+(:func:`default_chunk`): small on CPU, where cache-sized blocks are fastest;
+on GPU/TPU the whole leaf at once while weights × K fits a larger budget.
+Small leaves are evaluated together, in one pass (:func:`tree_pass`).
+
 A weight the mixture cannot evaluate is left out of every sum and gets no
 gradient: NaN or ±Inf, or so far from every component that its log-joint is
 −inf for all of them (λ_j d² overflows float32, e.g. w = 1e20). One broken
@@ -18,7 +26,8 @@ weight must not make the statistics, hence the mixture, NaN for good.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +37,34 @@ from softshare_jax.mixture.density import log_joint
 from softshare_jax.mixture.model import Mixture
 from softshare_jax.mixture.model import usable
 
-# Weights per chunk at most (small mixtures), and the budget of chunk × K
-# elements per chunk: the temporaries of one chunk are a few (chunk, K) float32
-# arrays, so memory stays O(CHUNK_BUDGET) whatever the weights and K.
+# The chunk of the pass is set by a budget of chunk × K elements: the temporaries
+# of one chunk are a few (chunk, K) float32 arrays, so memory stays O(budget)
+# whatever the weights and K. On CPU a small chunk keeps them in cache and the
+# loop costs little; on GPU/TPU a loop step costs more than the memory, so the
+# pass runs in one go while weights × K fits the larger budget.
 DEFAULT_CHUNK = 2**16
-CHUNK_BUDGET = 2**22
+CHUNK_BUDGET = 2**18
+ACCELERATOR_BUDGET = 2**26
+# Leaves of at most this many weights are evaluated together, as one vector
+# (see :func:`tree_pass`): a pass per small leaf costs more in overhead than
+# in arithmetic, and copying a small leaf costs little even when it is sharded.
+SMALL_LEAF = 2**14
 
 
-def default_chunk(num_components: int) -> int:
-  """Weights per chunk for a K-component mixture: 2**16, fewer when K > 64 (chunk × K ≤ 2**22)."""
-  return max(1, min(DEFAULT_CHUNK, CHUNK_BUDGET // max(1, int(num_components))))
+def default_chunk(num_components: int, platform: str = "cpu") -> int:
+  """Weights per chunk for a K-component mixture on ``platform``.
+
+  On CPU at most 2**16, fewer when chunk × K would pass 2**18 (cache-sized
+  temporaries); on any other platform chunk × K ≤ 2**26.
+
+  Example:
+    >>> default_chunk(64), default_chunk(64, "gpu")
+    (4096, 1048576)
+  """
+  k = max(1, int(num_components))
+  if platform == "cpu":
+    return max(1, min(DEFAULT_CHUNK, CHUNK_BUDGET // k))
+  return max(1, ACCELERATOR_BUDGET // k)
 
 
 class Statistics(NamedTuple):
@@ -101,19 +128,94 @@ def weight_pass(m: Mixture, w: jax.Array, valid: jax.Array | None = None) -> tup
   return grad_w, Statistics(count, jnp.sum(r, axis=axes), jnp.sum(rd, axis=axes), jnp.sum(rd * d, axis=axes))
 
 
-def leaf_pass(m: Mixture, w: jax.Array, chunk: int | None = None) -> tuple[jax.Array, Statistics]:
-  """:func:`weight_pass` on one leaf, ``chunk`` weights at a time when it is larger.
+def block_shape(shape: tuple[int, ...], chunk: int) -> tuple[int, ...] | None:
+  """The block of a shape-preserving pass over a leaf of ``shape``: at most ``chunk`` weights.
 
-  ``chunk`` defaults to :func:`default_chunk` of the mixture's K. The leaf is
-  flattened and padded to whole chunks; padding is masked out of the
-  statistics and cut from the gradient.
+  Each axis of size s_a is split as (o_a, f_a), s_a = o_a · f_a, and the pass
+  visits the f = Π f_a blocks of shape (o_a) that take every f_a-th index
+  along each axis. A block keeps an even share of every axis, so whichever
+  axes are sharded each device holds the same part of every block, and
+  XLA's SPMD partitioner keeps the pass local: only the O(K) statistics
+  cross devices, as long as each sharded o_a is a multiple of its number of
+  shards. Shard counts being powers of two, the block keeps as many factors
+  of two of every axis as it can (up to 2⁶ each), then is as large as it can
+  be. None when every block would need more than twice the steps of a flat
+  pass (awkward sizes, such as a large prime).
+
+  Example:
+    >>> block_shape((2048, 4096), 4096)
+    (64, 64)
+    >>> block_shape((1000, 4000), 1024)  # 8 | 1000 and 8 | 4000: so do 8 and 80
+    (8, 80)
+    >>> block_shape((4099,), 1024) is None
+    True
   """
-  w = jnp.asarray(w, jnp.float32)
+  size = math.prod(shape)
+  least = -(-size // (2 * -(-size // chunk)))  # the smallest block within twice the flat steps
+  # Best block per product, axis by axis, by the factors of two each axis keeps (capped at what it
+  # has and at 2⁶), fewest first: the block whose worst-off axis keeps the most.
+  best: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {1: ((), ())}
+  for s in shape:
+    cap = min(_twos(s), _MAX_TWOS)
+    grown: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for prod, (kept, block) in best.items():
+      for o in _divisors(s):
+        if prod * o > chunk:
+          break
+        cand = (tuple(sorted(kept + (min(_twos(o), cap),) * (cap > 0))), block + (o,))
+        if prod * o not in grown or cand[0] > grown[prod * o][0]:
+          grown[prod * o] = cand
+    best = grown
+  fits = [(kept, prod, block) for prod, (kept, block) in best.items() if prod >= least]
+  return max(fits)[2] if fits else None
+
+
+_MAX_TWOS = 6
+
+
+def _twos(n: int) -> int:
+  """The number of factors of two of ``n`` > 0."""
+  return (n & -n).bit_length() - 1
+
+
+def _divisors(n: int) -> list[int]:
+  """The divisors of ``n`` >= 1, ascending."""
+  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+  return sorted(set(small + [n // d for d in small]))
+
+
+def _blocked_pass(m: Mixture, w: jax.Array, block: tuple[int, ...]) -> tuple[jax.Array, Statistics]:
+  """:func:`weight_pass` one block of :func:`block_shape` at a time, keeping ``w``'s shape."""
+  inner = tuple(s // o for s, o in zip(w.shape, block))
+  # Axis a becomes (o_a, f_a): a block is one index of every f_a. Splitting an
+  # axis in place (no transpose, no padding) keeps its sharding on o_a.
+  split = tuple(x for pair in zip(block, inner) for x in pair)
+  ws = w.reshape(split)
+  steps = math.prod(inner)
+
+  def starts(t):
+    idx = []
+    for f in reversed(inner):
+      idx.append(t % f)
+      t = t // f
+    zero = jnp.zeros((), t.dtype)
+    return [x for i in reversed(idx) for x in (zero, i)]
+
+  def body(t, carry):
+    grad, total = carry
+    at = starts(t)
+    blk = lax.dynamic_slice(ws, at, tuple(x for o in block for x in (o, 1))).reshape(block)
+    g, stats = weight_pass(m, blk)
+    grad = lax.dynamic_update_slice(grad, g.reshape(tuple(x for o in block for x in (o, 1))), at)
+    return grad, add(total, stats)
+
+  grad, total = lax.fori_loop(0, steps, body, (jnp.zeros_like(ws), zero_statistics(m.num_components)))
+  return grad.reshape(w.shape), total
+
+
+def _flat_pass(m: Mixture, w: jax.Array, chunk: int) -> tuple[jax.Array, Statistics]:
+  """:func:`weight_pass` over the flattened leaf padded to whole chunks (any size; not shard-local)."""
   n = int(w.size)
-  if chunk is None:
-    chunk = default_chunk(m.num_components)
-  if n <= chunk:
-    return weight_pass(m, w)
   pad = (-n) % chunk
   blocks = jnp.pad(jnp.ravel(w), (0, pad)).reshape(-1, chunk)
   valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
@@ -124,6 +226,80 @@ def leaf_pass(m: Mixture, w: jax.Array, chunk: int | None = None) -> tuple[jax.A
 
   stats, grads = lax.scan(body, zero_statistics(m.num_components), (blocks, valid))
   return grads.reshape(-1)[:n].reshape(w.shape), stats
+
+
+def _chunked_pass(m: Mixture, w: jax.Array, chunk: int) -> tuple[jax.Array, Statistics]:
+  if w.size <= chunk:
+    return weight_pass(m, w)
+  block = block_shape(w.shape, chunk)
+  return _flat_pass(m, w, chunk) if block is None else _blocked_pass(m, w, block)
+
+
+def leaf_pass(m: Mixture, w: jax.Array, chunk: int | None = None) -> tuple[jax.Array, Statistics]:
+  """:func:`weight_pass` on one leaf, ``chunk`` weights at a time when it is larger.
+
+  ``chunk`` defaults to :func:`default_chunk` of the mixture's K on the
+  platform the computation runs on (chosen when it is lowered, with
+  ``lax.platform_dependent``). The pass keeps the leaf's shape: it visits
+  the blocks of :func:`block_shape`, so under ``jit`` with sharded params
+  each device evaluates its own weights and only the statistics are summed
+  across devices. A leaf whose shape does not split into blocks (a large
+  prime size) is flattened and padded to whole chunks instead, with the
+  padding masked out; that path gathers a sharded leaf.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softshare_jax.mixture.model import Mixture
+    >>> m = Mixture(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), jnp.array(0.0), False)  # one N(0, 1)
+    >>> grad, stats = leaf_pass(m, jnp.arange(12.0).reshape(3, 4), chunk=4)
+    >>> grad[2], stats.count, stats.first
+    (Array([ 8.,  9., 10., 11.], dtype=float32), Array(12., dtype=float32), Array([66.], dtype=float32))
+  """
+  w = jnp.asarray(w, jnp.float32)
+  k = m.num_components
+  if chunk is not None:
+    return _chunked_pass(m, w, int(chunk))
+  cpu, other = default_chunk(k, "cpu"), default_chunk(k, "other")
+  if w.size <= min(cpu, other):
+    return weight_pass(m, w)
+  return lax.platform_dependent(m, w, cpu=lambda m, w: _chunked_pass(m, w, cpu),
+                                default=lambda m, w: _chunked_pass(m, w, other))
+
+
+def tree_pass(m: Mixture, leaves: Sequence[jax.Array],
+              chunk: int | None = None) -> tuple[list[jax.Array], Statistics]:
+  """:func:`leaf_pass` over many leaves: their gradients and the statistics of them all.
+
+  Leaves of at most ``SMALL_LEAF`` weights (2**14) are evaluated together, as
+  one vector, in one pass; a larger leaf gets its own shape-preserving pass
+  (:func:`leaf_pass`), so a sharded kernel is never gathered to be joined
+  with others.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softshare_jax.mixture.model import Mixture
+    >>> m = Mixture(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), jnp.array(0.0), False)  # one N(0, 1)
+    >>> grads, stats = tree_pass(m, [jnp.ones((2, 2)), jnp.full(3, 2.0)])
+    >>> grads[1], stats.count, stats.second
+    (Array([2., 2., 2.], dtype=float32), Array(7., dtype=float32), Array([16.], dtype=float32))
+  """
+  leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
+  grads: list[jax.Array | None] = [None] * len(leaves)
+  total = zero_statistics(m.num_components)
+  small = [i for i, x in enumerate(leaves) if x.size <= SMALL_LEAF]
+  if len(small) > 1:
+    flat = jnp.concatenate([leaves[i].ravel() for i in small])
+    g, total = leaf_pass(m, flat, chunk)
+    offset = 0
+    for i in small:
+      n = leaves[i].size
+      grads[i] = g[offset:offset + n].reshape(leaves[i].shape)
+      offset += n
+  for i, x in enumerate(leaves):
+    if grads[i] is None:
+      grads[i], stats = leaf_pass(m, x, chunk)
+      total = add(total, stats)
+  return grads, total
 
 
 def statistics(m: Mixture, w: jax.Array, chunk: int | None = None) -> Statistics:
