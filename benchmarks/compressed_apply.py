@@ -32,7 +32,7 @@ import numpy as np
 
 import softshare_jax as ss
 
-from benchmarks import _common
+from benchmarks import common
 
 LAYERS = 6
 WIDTH = 2048
@@ -77,7 +77,7 @@ def measure(width: int, entries: int, quick: bool) -> list[dict]:
     compiled = fn.lower(tree, x).compile()
     temp = int(compiled.memory_analysis().temp_size_in_bytes)
     budget = 0.5 if quick else 3.0
-    timing, outs[method] = _common.time_call(lambda: compiled(tree, x), warmup=1, min_repeats=3,
+    timing, outs[method] = common.time_call(lambda: compiled(tree, x), warmup=1, min_repeats=3,
                                              max_repeats=7 if quick else 30, budget_s=budget)
     base_s = timing.median_s if method == "dense" else base_s
     rows.append({"codebook_entries": entries, "index_bits": int(q.tree[0]["w"].bits), "method": method,
@@ -92,19 +92,19 @@ def measure(width: int, entries: int, quick: bool) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   mib = lambda b: f"{b / 2**20:.2f}"
-  return _common.format_table(
+  return common.format_table(
       ["K", "method", "temp MiB", "packed MiB", "dense MiB", "temp/(packed+3 layers)", "median ms", "vs dense"],
       [[r["codebook_entries"], r["method"], mib(r["temp_bytes"]), mib(r["packed_bytes"]), mib(r["dense_bytes"]),
-        _common.fmt_ratio(r["temp_over_bound"]), _common.fmt_ms(r["median_ms"] / 1e3),
-        _common.fmt_ratio(r["ratio_to_dense"])] for r in rows],
+        common.fmt_ratio(r["temp_over_bound"]), common.fmt_ms(r["median_ms"] / 1e3),
+        common.fmt_ratio(r["ratio_to_dense"])] for r in rows],
       align="><>>>>>>")
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("compressed_apply", __doc__, f"{LAYERS} layers of {QUICK_WIDTH} (smoke test)")
+  parser = common.argument_parser("compressed_apply", __doc__, f"{LAYERS} layers of {QUICK_WIDTH} (smoke test)")
   args = parser.parse_args(argv)
   width = QUICK_WIDTH if args.quick else WIDTH
-  recorder = _common.Recorder("compressed_apply")
+  recorder = common.Recorder("compressed_apply")
   rows = [r for entries in CODEBOOKS for r in measure(width, entries, args.quick)]
   elapsed = recorder.stop()
   print(f"compressed_apply: {LAYERS} x {width} x {width} MLP, batch {BATCH}, backend {jax.default_backend()}, "

@@ -30,7 +30,7 @@ count) and the file's size; k-means clustering of the plain run's kernels
 (``ss.cluster_weights``, 16 clusters) is the baseline.
 
 The data and the training loop are the benchmarks' shared ones
-(``_digits.DigitsTask``: ``_data.load_digits``, ``_train.train``); the figure and the model file go to
+(``digits.DigitsTask``: ``datasets.load_digits``, ``training.train``); the figure and the model file go to
 the current directory.
 """
 
@@ -48,10 +48,10 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
-from benchmarks import _digits
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import datasets
+from benchmarks import digits
+from benchmarks import training
 
 SEED = 0
 LEARNING_RATE = 0.05
@@ -68,7 +68,7 @@ SHARING_AXIS = 0  # One group per output neuron of a Dense kernel (in, out).
 
 
 # The Dense kernels share weights; biases are left alone.
-kernels_only = _train.kernel_mask
+kernels_only = training.kernel_mask
 
 
 # ----------------------------------------------------------------------------
@@ -77,12 +77,12 @@ kernels_only = _train.kernel_mask
 
 def plain_optimizer() -> optax.GradientTransformation:
   """SGD with momentum."""
-  return _train.sgd_prox(LEARNING_RATE, MOMENTUM)
+  return training.sgd_prox(LEARNING_RATE, MOMENTUM)
 
 
 def prox_optimizer(strength: float = STRENGTH) -> optax.GradientTransformation:
   """The same SGD, then the weight-sharing prox (last in the chain, same learning rate)."""
-  return _train.sgd_prox(LEARNING_RATE, MOMENTUM, strength, axis=SHARING_AXIS, mask=kernels_only)
+  return training.sgd_prox(LEARNING_RATE, MOMENTUM, strength, axis=SHARING_AXIS, mask=kernels_only)
 
 
 # ----------------------------------------------------------------------------
@@ -101,9 +101,9 @@ class Run:
   opt_state: Any = None
 
 
-def train(name: str, task: _digits.DigitsTask, tx: optax.GradientTransformation,
+def train(name: str, task: digits.DigitsTask, tx: optax.GradientTransformation,
           epochs: int = EPOCHS, seed: int = SEED, init: Any = None) -> Run:
-  """Minibatch training (batch ``_digits.BATCH``); the same data order for every run of a seed."""
+  """Minibatch training (batch ``digits.BATCH``); the same data order for every run of a seed."""
   start = time.perf_counter()
   trained = task.train(tx, task.init(seed) if init is None else init, epochs, seed)
   params = jax.block_until_ready(trained.params)
@@ -115,10 +115,10 @@ def train(name: str, task: _digits.DigitsTask, tx: optax.GradientTransformation,
 # Report.
 
 
-def print_header(data: _data.Data) -> None:
+def print_header(data: datasets.Data) -> None:
   """What is trained, on what, with which settings."""
   print("softshare_jax demo: weight-sharing prox on a 64-64-10 MLP, sklearn digits")
-  print(f"train {data.x_train.shape[0]}, test {data.x_test.shape[0]}, {EPOCHS} epochs of batch {_digits.BATCH}, "
+  print(f"train {data.x_train.shape[0]}, test {data.x_test.shape[0]}, {EPOCHS} epochs of batch {digits.BATCH}, "
         f"SGD lr {LEARNING_RATE} momentum {MOMENTUM}; prox strength {STRENGTH}, axis={SHARING_AXIS}, "
         f"kernels only; JAX backend {jax.default_backend()}")
   print()
@@ -186,20 +186,20 @@ def print_mixture(run: Run) -> Any:
   print("learned mixture (component 0 is the zero component):")
   rows = [[j, f"{float(m):+.4f}", f"{float(s):.4f}", f"{float(w):.4f}"]
           for j, (m, s, w) in enumerate(zip(mixture.means, mixture.stddevs, mixture.weights))]
-  print(_common.format_table(["j", "mean", "stddev", "weight"], rows, align=">>>>"))
+  print(common.format_table(["j", "mean", "stddev", "weight"], rows, align=">>>>"))
   print()
   return mixture
 
 
 def plot_mixture(run: Run, mixture: Any, path: str = PNG) -> str:
   """Histogram of the kernel weights with the learned mixture density on top."""
-  w = _train.kernel_values(run.params)
-  fig, ax = _common.pyplot().subplots(figsize=(8, 4))
-  _common.hist_with_mixture(ax, {"kernel weights": w}, mixture, float(w.min()) - 0.05, float(w.max()) + 0.05,
+  w = training.kernel_values(run.params)
+  fig, ax = common.pyplot().subplots(figsize=(8, 4))
+  common.hist_with_mixture(ax, {"kernel weights": w}, mixture, float(w.min()) - 0.05, float(w.max()) + 0.05,
                             bins=200, label="learned mixture density")
   ax.set_title(f"digits MLP, Adam + mixture_prior ({MIXTURE_COMPONENTS} + zero component)")
   fig.tight_layout()
-  _common.save_figure(fig, path)
+  common.save_figure(fig, path)
   return os.path.abspath(path)
 
 
@@ -235,7 +235,7 @@ def compression_optimizer() -> optax.GradientTransformation:
   )
 
 
-def compress_run(task: _digits.DigitsTask, plain: Run) -> None:
+def compress_run(task: digits.DigitsTask, plain: Run) -> None:
   """Retrains the plain run with the prior, quantizes, fine-tunes with the clusters kept, writes it."""
   run = train("retrained", task, compression_optimizer(), epochs=COMPRESS_EPOCHS, init=plain.params)
   merged = ss.merge_components(ss.get_mixture(run.opt_state), MERGE_THRESHOLD)
@@ -262,7 +262,7 @@ def compress_run(task: _digits.DigitsTask, plain: Run) -> None:
       ["baseline: k-means, 16 clusters", f"{baseline_acc:.4f}", f"{ss.compression_report(baseline).ratio:.1f}x"],
       ["baseline: 90% pruned + k-means, 16", f"{pruned_acc:.4f}", f"{ss.compression_report(pruned).ratio:.1f}x"],
   ]
-  print(_common.format_table(["model", "test acc", "CSR ratio"], rows, align="<>>"))
+  print(common.format_table(["model", "test acc", "CSR ratio"], rows, align="<>>"))
   print()
   print(f"compression report of {MODEL_FILE}:")
   print(ss.compression_report(loaded, path=MODEL_FILE))
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the sections in turn and prints their reports."""
   del argv
   start = time.perf_counter()
-  task = _digits.DigitsTask.load(SEED)
+  task = digits.DigitsTask.load(SEED)
   print_header(task.data)
   runs: list[Run] = [
       train("plain", task, plain_optimizer()),

@@ -41,8 +41,8 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
+from benchmarks import common
+from benchmarks import datasets
 
 SEEDS = 10
 ITERATIONS = 500              # L-BFGS iterations (each with its zoom line search)
@@ -102,7 +102,7 @@ def normalized_mse(pred: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _regression(name: str, x: np.ndarray, y: np.ndarray, sizes: dict) -> Problem:
-  data = _data.regression_splits(x, y, sizes, seed=0)
+  data = datasets.regression_splits(x, y, sizes, seed=0)
   return Problem(name, data, mlp_init(x.shape[1]), mlp_apply, normalized_mse, "test MSE / var(y)")
 
 
@@ -116,9 +116,9 @@ def problems() -> dict[str, Problem]:
   out = {"shift detection": sd.problem()}
   xd, yd = load_diabetes(return_X_y=True)
   out["diabetes"] = _regression("diabetes", xd, yd, {"train": 150, "valid": 146, "test": 146})
-  series = _data.mackey_glass(1500)
+  series = datasets.mackey_glass(1500)
   series = series + 0.05 * series.std() * np.random.default_rng(1).normal(size=series.shape)
-  xm, ym = _data.lagged(series, (0, 6, 12, 18), 6)
+  xm, ym = datasets.lagged(series, (0, 6, 12, 18), 6)
   out["mackey-glass"] = _regression("mackey-glass", xm, ym, {"train": 150, "valid": 500, "test": 800})
   xf, yf = make_friedman1(n_samples=1600, n_features=10, noise=1.0, random_state=0)
   out["friedman1"] = _regression("friedman1", xf, yf, {"train": 100, "valid": 500, "test": 1000})
@@ -252,7 +252,7 @@ def evaluate(problem: Problem, method: str, cs: np.ndarray, seeds: np.ndarray, o
     if "mixture" in theta:
       w = np.asarray(weight_vector(theta["net"]))
       m = theta["mixture"]
-      rec["mixture"] = _common.mixture_dict(m)
+      rec["mixture"] = common.mixture_dict(m)
       rec["live_components"] = int(np.sum(np.asarray(m.weights) > LIVE))
       rec["collapsed_components"] = collapsed_components(w, m)
       rec["weights"] = w.tolist()
@@ -269,12 +269,12 @@ def select(records: list[dict]) -> dict:
   best = min(valid, key=lambda c: (np.inf if np.isnan(valid[c]) else valid[c]))
   rs = by_c[best]
   out = {"chosen_c": best, "valid_error_by_c": {str(c): v for c, v in valid.items()},
-         "test_error": _common.mean_std([r["test_error"] for r in rs]),
-         "valid_error": _common.mean_std([r["valid_error"] for r in rs]),
-         "train_error": _common.mean_std([r["train_error"] for r in rs])}
+         "test_error": common.mean_std([r["test_error"] for r in rs]),
+         "valid_error": common.mean_std([r["valid_error"] for r in rs]),
+         "train_error": common.mean_std([r["train_error"] for r in rs])}
   if "collapsed_components" in rs[0]:
-    out["collapsed_components"] = _common.mean_std([float(r["collapsed_components"]) for r in rs])
-    out["live_components"] = _common.mean_std([float(r["live_components"]) for r in rs])
+    out["collapsed_components"] = common.mean_std([float(r["collapsed_components"]) for r in rs])
+    out["live_components"] = common.mean_std([float(r["live_components"]) for r in rs])
   return out
 
 
@@ -288,7 +288,7 @@ def run_problem(problem: Problem, cfg: dict, progress: bool = True) -> dict:
   """Every method on one problem: the per-(c, seed) records and the validation-chosen summary."""
   seeds = np.arange(cfg["seeds"])
   out = {}
-  bar = _common.progress_bar(method_list(), problem.name, enabled=progress, leave=False)
+  bar = common.progress_bar(method_list(), problem.name, enabled=progress, leave=False)
   for label, method, k in bar:
     cs = np.asarray(GRIDS[method][::cfg.get("grid_every", 1)], np.float64)
     res = train(problem, method, cs, seeds, cfg["iterations"], components=k)
@@ -327,15 +327,15 @@ def table(results: dict) -> str:
       s = r["summary"]
       scale = 100.0 if name == "shift detection" else 1.0
       digits = 1 if name == "shift detection" else 3
-      rows.append((name, label, _common.fmt_mean_std(s["test_error"], digits, scale),
-                   _common.fmt_mean_std(s["valid_error"], digits, scale), f"{s['chosen_c']:g}",
+      rows.append((name, label, common.fmt_mean_std(s["test_error"], digits, scale),
+                   common.fmt_mean_std(s["valid_error"], digits, scale), f"{s['chosen_c']:g}",
                    f"{s['collapsed_components']['mean']:.1f}" if "collapsed_components" in s else "-"))
-  return _common.format_table(("problem", "method", "test error", "valid error", "chosen c", "collapsed"), rows,
+  return common.format_table(("problem", "method", "test error", "valid error", "chosen c", "collapsed"), rows,
                               align="<<>>>>")
 
 
 def plot(results: dict, path: str) -> str:
-  plt = _common.pyplot()
+  plt = common.pyplot()
   fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8))
   for ax, (name, res) in zip(np.atleast_1d(axes), results.items()):
     labels = list(res)
@@ -353,15 +353,15 @@ def plot(results: dict, path: str) -> str:
     ax.grid(axis="y", alpha=0.3)
   fig.suptitle("small-data generalization: mean ± std over seeds, c chosen on validation", fontsize=10)
   fig.tight_layout()
-  return _common.save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("generalization", __doc__,
+  parser = common.argument_parser("generalization", __doc__,
                                    f"{QUICK['seeds']} seeds, {QUICK['iterations']} iterations, a thinned grid")
   args = parser.parse_args(argv)
   cfg = default_cfg(args.quick)
-  recorder = _common.Recorder("generalization", ("scikit-learn", "matplotlib"))
+  recorder = common.Recorder("generalization", ("scikit-learn", "matplotlib"))
   results = {name: run_problem(p, cfg, not args.no_progress) for name, p in problems().items()
              if name in cfg["problems"]}
   elapsed = recorder.stop()

@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-from benchmarks import _common
+from benchmarks import common
 
 COMPONENTS = (17, 64)
 SIZES = (10**6, 4 * 10**6)
@@ -164,7 +164,7 @@ def measure(params, k: int, variants, rounds: int, budget_s: float) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = _common.argument_parser("prior_overhead", __doc__, "n = 4e6 and K = 64 only, fewer rounds; no JSON")
+  parser = common.argument_parser("prior_overhead", __doc__, "n = 4e6 and K = 64 only, fewer rounds; no JSON")
   args = parser.parse_args(argv)
 
   import jax
@@ -173,17 +173,17 @@ def main(argv: list[str] | None = None) -> int:
   sizes = (4 * 10**6,) if args.quick else SIZES
   components = (64,) if args.quick else COMPONENTS
   rounds, budget = (3, 10.0) if args.quick else (5, 30.0)
-  recorder = _common.Recorder("prior_overhead")
+  recorder = common.Recorder("prior_overhead")
   rows = []
   for n in sizes:
     for k in components:
       rows += measure(_params(n), k, VARIANTS, rounds, budget)
       print(f"  n={n:.0e} K={k} done", flush=True)
-  table = [[f"{r['n']:.0e}", r["components"], r["variant"], _common.fmt_ms(r["median_ms"] / 1e3),
-            _common.fmt_ratio(r["ratio_to_adam"]), _common.fmt_ratio(r["ratio_to_naive"]),
-            _common.fmt_ratio(r["ratio_to_naive_min"]), f"{r['extra_over_adam_over_params']:.2f}"] for r in rows]
+  table = [[f"{r['n']:.0e}", r["components"], r["variant"], common.fmt_ms(r["median_ms"] / 1e3),
+            common.fmt_ratio(r["ratio_to_adam"]), common.fmt_ratio(r["ratio_to_naive"]),
+            common.fmt_ratio(r["ratio_to_naive_min"]), f"{r['extra_over_adam_over_params']:.2f}"] for r in rows]
   print()
-  print(_common.format_table(["n", "K", "variant", "ms/update", "/adam", "/naive", "/naive (minima)",
+  print(common.format_table(["n", "K", "variant", "ms/update", "/adam", "/naive", "/naive (minima)",
                               "extra temp / params"], table))
 
   leaves_rows = []
@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     ratios[key] = many / one if one > 0 else None
   ratio, ratio_min = ratios["overhead_ms"], ratios["overhead_min_ms"]
   print()
-  print(_common.format_table(
+  print(common.format_table(
       ["leaves", "variant", "ms/update", "prior - adam (ms)"],
-      [[r["case"], r["variant"], _common.fmt_ms(r["median_ms"] / 1e3),
-        _common.fmt_ms(r["overhead_ms"] / 1e3)] for r in leaves_rows]))
-  print(f"prior overhead, 100 leaves / 1 leaf: {_common.fmt_ratio(ratio)} (medians), "
-        f"{_common.fmt_ratio(ratio_min)} (minima)")
+      [[r["case"], r["variant"], common.fmt_ms(r["median_ms"] / 1e3),
+        common.fmt_ms(r["overhead_ms"] / 1e3)] for r in leaves_rows]))
+  print(f"prior overhead, 100 leaves / 1 leaf: {common.fmt_ratio(ratio)} (medians), "
+        f"{common.fmt_ratio(ratio_min)} (minima)")
   recorder.stop()
   if args.quick:
     print("\n--quick: no JSON written")

@@ -28,7 +28,7 @@ import optax
 
 import softshare_jax as ss
 from softshare_jax import isotonic
-from benchmarks import _common
+from benchmarks import common
 
 
 def _step(tx: optax.GradientTransformation, params: dict):
@@ -44,14 +44,14 @@ def measure(n: int, k: int, method: str, axis, budget_s: float) -> dict:
   side = int(math.isqrt(n * k * k))
   one = {"w": jnp.asarray(rng.normal(size=(side, side)), jnp.float32)}
   tx = optax.chain(optax.sgd(0.1), ss.weight_sharing_prox(0.5, 0.1, axis=axis, method=method))
-  t_many, _ = _common.time_call(_step(tx, many), budget_s=budget_s)
-  t_one, _ = _common.time_call(_step(tx, one), budget_s=budget_s)
+  t_many, _ = common.time_call(_step(tx, many), budget_s=budget_s)
+  t_one, _ = common.time_call(_step(tx, one), budget_s=budget_s)
   # The host kernel alone on the same rows: what the row lengths cost, whatever the transform does.
   def rows(tree):
     return [np.asarray(w).reshape(1, -1) if axis is None else np.asarray(w).T.copy() for w in tree.values()]
   many_rows, one_rows = rows(many), rows(one)
-  k_many, _ = _common.time_call(lambda: [isotonic.prox_rows_host(r, 0.05) for r in many_rows], budget_s=budget_s)
-  k_one, _ = _common.time_call(lambda: [isotonic.prox_rows_host(r, 0.05) for r in one_rows], budget_s=budget_s)
+  k_many, _ = common.time_call(lambda: [isotonic.prox_rows_host(r, 0.05) for r in many_rows], budget_s=budget_s)
+  k_one, _ = common.time_call(lambda: [isotonic.prox_rows_host(r, 0.05) for r in one_rows], budget_s=budget_s)
   return {
       "method": method, "axis": axis, "leaves": n, "leaf_shape": [k, k], "one_shape": [side, side],
       "many": t_many.to_dict(), "one": t_one.to_dict(), "ratio": t_many.median_s / t_one.median_s,
@@ -60,21 +60,21 @@ def measure(n: int, k: int, method: str, axis, budget_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("prox_leaves", __doc__, "20 leaves of 32x32, shorter timing")
+  parser = common.argument_parser("prox_leaves", __doc__, "20 leaves of 32x32, shorter timing")
   args = parser.parse_args(argv)
   n, k, budget = (20, 32, 0.5) if args.quick else (100, 64, 2.0)
-  rec = _common.Recorder("prox_leaves")
+  rec = common.Recorder("prox_leaves")
   rows = []
   for method in ("host", "device"):
     for axis in (None, 0):
       rows.append(measure(n, k, method, axis, budget))
   rec.stop()
   print(f"weight_sharing_prox: {n} leaves of {k}x{k} vs one leaf of the same size, backend={jax.default_backend()}")
-  print(_common.format_table(
+  print(common.format_table(
       ["method", "axis", "many (ms)", "one (ms)", "many/one", "host kernel alone many/one"],
-      [[r["method"], str(r["axis"]), _common.fmt_ms(r["many"]["median_ms"] / 1e3),
-        _common.fmt_ms(r["one"]["median_ms"] / 1e3), _common.fmt_ratio(r["ratio"]),
-        _common.fmt_ratio(r["host_kernel_ratio"])] for r in rows]))
+      [[r["method"], str(r["axis"]), common.fmt_ms(r["many"]["median_ms"] / 1e3),
+        common.fmt_ms(r["one"]["median_ms"] / 1e3), common.fmt_ratio(r["ratio"]),
+        common.fmt_ratio(r["host_kernel_ratio"])] for r in rows]))
   name = "prox_leaves_quick" if args.quick else "prox_leaves"
   print(rec.write(args.out, {"quick": args.quick, "results": rows}, name=name))
   return 0

@@ -64,7 +64,7 @@ from scipy import optimize as sp_optimize
 import softshare_jax as ss
 from softshare_jax import isotonic
 
-from benchmarks import _common
+from benchmarks import common
 
 SIZES = (10**3, 10**4, 10**5, 10**6)
 FULL_SIZES = SIZES + (10**7,)
@@ -201,7 +201,7 @@ def run(sizes, *, min_repeats, max_repeats, budget_s, progress=True):
   backend = jax.default_backend()
   rows = []
   cases = [(d, name) for d in sizes for name in INPUTS]
-  bar = _common.progress_bar(cases, "prox_speed", enabled=progress)
+  bar = common.progress_bar(cases, "prox_speed", enabled=progress)
   compiled_cache = {}
   last_median = {}  # (input, method) -> (d, median seconds), for the skip estimate.
   for d, name in bar:
@@ -220,16 +220,16 @@ def run(sizes, *, min_repeats, max_repeats, budget_s, progress=True):
     }
     timing = dict(min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s)
 
-    ref_timing, ref = _common.time_call(lambda: pipeline(x, t), **timing)
+    ref_timing, ref = common.time_call(lambda: pipeline(x, t), **timing)
     case["clusters"] = int(np.unique(ref).size)
     results = {"pipeline": (ref_timing, None, None, None)}
-    results["np.sort"] = (_common.time_call(lambda: np.sort(x), **timing)[0], None, None, None)
+    results["np.sort"] = (common.time_call(lambda: np.sort(x), **timing)[0], None, None, None)
 
     key = ("jnp.sort", d)
     if key not in compiled_cache:
       compiled_cache[key] = _compile(jnp.sort, xj)
     sort_fn, sort_compile = compiled_cache[key]
-    results["jnp.sort"] = (_common.time_call(lambda: sort_fn(xj), **timing)[0], sort_compile, None, None)
+    results["jnp.sort"] = (common.time_call(lambda: sort_fn(xj), **timing)[0], sort_compile, None, None)
 
     distinct = {}
     for method in OUR_METHODS:
@@ -245,7 +245,7 @@ def run(sizes, *, min_repeats, max_repeats, budget_s, progress=True):
       if key not in compiled_cache:
         compiled_cache[key] = _compile(_prox_fn(method), xj, tj)
       fn, compile_s = compiled_cache[key]
-      tm, out = _common.time_call(
+      tm, out = common.time_call(
           lambda: fn(xj, tj), **timing, stop_after_s=SKIP_S if hard_device else math.inf
       )
       out = np.asarray(out)
@@ -328,11 +328,11 @@ def host_rows(sizes, *, repeats: int) -> list[dict]:
 def host_table(rows) -> str:
   headers = ("d", "input", "method", "median ms", "cpu ms", "cpu /pipeline", "cpu /np.sort", "rel err")
   lines = [(
-      f"{r['d']:.0e}", r["input"], r["method"], _common.fmt_ms(r["median_ms"] / 1e3),
-      _common.fmt_ms(r["cpu_median_ms"] / 1e3), _common.fmt_ratio(r["cpu_ratio_to_pipeline"]),
-      _common.fmt_ratio(r["cpu_ratio_to_np_sort"]), f"{r['rel_err']:.1e}" if "rel_err" in r else "",
+      f"{r['d']:.0e}", r["input"], r["method"], common.fmt_ms(r["median_ms"] / 1e3),
+      common.fmt_ms(r["cpu_median_ms"] / 1e3), common.fmt_ratio(r["cpu_ratio_to_pipeline"]),
+      common.fmt_ratio(r["cpu_ratio_to_np_sort"]), f"{r['rel_err']:.1e}" if "rel_err" in r else "",
   ) for r in rows]
-  return _common.format_table(headers, lines, align="><<>>>>>")
+  return common.format_table(headers, lines, align="><<>>>>>")
 
 
 def memory_rows(sizes) -> list[dict]:
@@ -359,7 +359,7 @@ def memory_rows(sizes) -> list[dict]:
 def memory_table(rows) -> str:
   lines = [(f"{r['d']:.3g}", f"{r['input_bytes'] / 2**20:.1f}", f"{r['temp_bytes'] / 2**20:.1f}",
             f"{r['temp_over_input']:.1f}", f"{r['compile_s']:.1f}") for r in rows]
-  return _common.format_table(("d", "input MiB", "temp MiB", "temp / input", "compile s"), lines, align=">>>>>")
+  return common.format_table(("d", "input MiB", "temp MiB", "temp / input", "compile s"), lines, align=">>>>>")
 
 
 def table(rows) -> str:
@@ -371,15 +371,15 @@ def table(rows) -> str:
         f"{r['d']:.0e}",
         r["input"],
         r["method"],
-        "-" if skipped else _common.fmt_ms(r["median_ms"] / 1e3),
-        "-" if skipped else _common.fmt_ratio(r["ratio_to_pipeline"]),
-        "-" if skipped else _common.fmt_ratio(r["ratio_to_jnp_sort"]),
+        "-" if skipped else common.fmt_ms(r["median_ms"] / 1e3),
+        "-" if skipped else common.fmt_ratio(r["ratio_to_pipeline"]),
+        "-" if skipped else common.fmt_ratio(r["ratio_to_jnp_sort"]),
         f"{r['rel_err']:.1e}" if "rel_err" in r else "",
         str(r["distinct"]) if "distinct" in r else "",
         f"{r['compile_s']:.2f}" if "compile_s" in r else "",
         r.get("note") or "",
     ))
-  return _common.format_table(headers, lines, align="><<>>>>>><")
+  return common.format_table(headers, lines, align="><<>>>>>><")
 
 
 def cases_table(rows) -> str:
@@ -398,7 +398,7 @@ def cases_table(rows) -> str:
         f"> {ROUNDS_CAP}" if rounds > ROUNDS_CAP else str(rounds),
         r["device_path"] or "?",
     ))
-  return _common.format_table(
+  return common.format_table(
       ("d", "input", "strength", "clusters", "f64 pooling rounds", "device method path"), lines, align="><>>><"
   )
 
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
   mode.add_argument("--full", action="store_true", help="add d = 1e7 and write the JSON")
   mode.add_argument("--quick", action="store_true",
                     help="d in {1e3, 1e4}, host kernel at 1e6, few repeats (smoke test)")
-  parser.add_argument("--out", default=_common.RESULTS_DIR, help="directory for the JSON (default: %(default)s)")
+  parser.add_argument("--out", default=common.RESULTS_DIR, help="directory for the JSON (default: %(default)s)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
 
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     host_sizes, host_repeats = (FULL_HOST_SIZES if args.full else HOST_SIZES), 9
 
   backend = jax.default_backend()
-  recorder = _common.Recorder("prox_speed", ("tqdm",))
+  recorder = common.Recorder("prox_speed", ("tqdm",))
   machine = recorder.machine
   rows = run(sizes, progress=not args.no_progress, **reps)
   hrows = host_rows(host_sizes, repeats=host_repeats)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.prox_strength [--quick] [--out DIR] [--no-progress]
 
-Trains the digits MLP (``_digits.DigitsTask``: 64-64-10, scikit-learn's 8x8
+Trains the digits MLP (``digits.DigitsTask``: 64-64-10, scikit-learn's 8x8
 digits, 1347 training images, batch 64, 21 steps per epoch) with SGD (lr
 0.05, momentum 0.9, as ``benchmarks/demo.py``) followed LAST by
 ``ss.weight_sharing_prox(λ, 0.05, axis=a, mask=kernels)``, for every λ in
@@ -34,9 +34,9 @@ import numpy as np
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _digits
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import digits
+from benchmarks import training
 
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
@@ -66,12 +66,12 @@ def layer_stats(params: Any, axis: Any) -> dict:
   return out
 
 
-def run(task: _digits.DigitsTask, strength: float, axis: Any, seed: int, checkpoints: tuple[int, ...],
+def run(task: digits.DigitsTask, strength: float, axis: Any, seed: int, checkpoints: tuple[int, ...],
         sigma: float, count_axes: tuple) -> list[dict]:
   """One training run; a record per checkpoint and per axis in ``count_axes`` (how its groups are counted)."""
-  tx = _train.sgd_prox(LEARNING_RATE, MOMENTUM, strength or None, axis=axis, mask=_train.kernel_mask)
-  loss = _train.cross_entropy(task.apply)
-  epoch_fn = _train.make_epoch(loss, tx)
+  tx = training.sgd_prox(LEARNING_RATE, MOMENTUM, strength or None, axis=axis, mask=training.kernel_mask)
+  loss = training.cross_entropy(task.apply)
+  epoch_fn = training.make_epoch(loss, tx)
   params = task.init(seed)
   state = tx.init(params)
   order = np.random.default_rng(seed + 1)  # Advances across the segments: one data order per seed.
@@ -79,14 +79,14 @@ def run(task: _digits.DigitsTask, strength: float, axis: Any, seed: int, checkpo
   t = strength * LEARNING_RATE
   records, done = [], 0
   for epochs in checkpoints:
-    trained = _train.train(loss, tx, params, task.data.x_train, task.data.y_train, epochs - done,
+    trained = training.train(loss, tx, params, task.data.x_train, task.data.y_train, epochs - done,
                            batch=task.batch, shuffle=order, state=state, epoch_fn=epoch_fn)
     params, state, done = trained.params, trained.state, epochs
-    common = {"seed": seed, "strength": strength, "epochs": epochs, "t": t, "steps": epochs * steps_per_epoch,
+    shared = {"seed": seed, "strength": strength, "epochs": epochs, "t": t, "steps": epochs * steps_per_epoch,
               "sigma": sigma, "T_over_sigma": t * epochs * steps_per_epoch / sigma,
               "test_accuracy": task.accuracy(params), "train_accuracy": task.accuracy(params, "train"),
-              "kernel_distinct": ss.sharing_stats(params, mask=_train.kernel_mask).total.distinct}
-    records += [dict(common, axis=a, layers=layer_stats(params, a)) for a in count_axes]
+              "kernel_distinct": ss.sharing_stats(params, mask=training.kernel_mask).total.distinct}
+    records += [dict(shared, axis=a, layers=layer_stats(params, a)) for a in count_axes]
   return records
 
 
@@ -103,8 +103,8 @@ def summarize(records: list[dict]) -> list[dict]:
       layers[name]["d"] = group[0]["layers"][name]["d"]
     rows.append({"axis": axis, "strength": strength, "epochs": epochs, "t": group[0]["t"],
                  "T_over_sigma": group[0]["T_over_sigma"],
-                 "test_accuracy": _common.mean_std([r["test_accuracy"] for r in group]),
-                 "kernel_distinct": _common.mean_std([r["kernel_distinct"] for r in group]), "layers": layers})
+                 "test_accuracy": common.mean_std([r["test_accuracy"] for r in group]),
+                 "kernel_distinct": common.mean_std([r["kernel_distinct"] for r in group]), "layers": layers})
   return rows
 
 
@@ -116,28 +116,28 @@ def table(rows: list[dict]) -> str:
               for v in r["layers"].values()]
     collapsed = np.mean([v["collapsed_share"] for v in r["layers"].values()])
     out.append((r["axis"], f"{r['strength']:g}", f"{r['t']:.2g}", r["epochs"], f"{r['T_over_sigma']:.2f}",
-                _common.fmt_mean_std(r["test_accuracy"], digits=1, scale=100.0, single=True), *layers,
+                common.fmt_mean_std(r["test_accuracy"], digits=1, scale=100.0, single=True), *layers,
                 f"{100 * collapsed:.0f}"))
   names = list(rows[0]["layers"]) if rows else []
   headers = ("axis", "λ", "t=λ·lr", "epochs", "T/σ", "test acc %",
              *[f"{n} distinct/group" for n in names], "collapsed %")
-  return _common.format_table(headers, out, align="<>>>>>" + ">" * len(names) + ">")
+  return common.format_table(headers, out, align="<>>>>>" + ">" * len(names) + ">")
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs every (seed, axis, strength), prints the table, writes the JSON."""
-  parser = _common.argument_parser("prox_strength", __doc__, "2 strengths, 2 epochs, one seed")
+  parser = common.argument_parser("prox_strength", __doc__, "2 strengths, 2 epochs, one seed")
   args = parser.parse_args(argv)
   cfg = QUICK if args.quick else dict(strengths=STRENGTHS, axes=AXES, checkpoints=CHECKPOINTS, seeds=SEEDS)
-  recorder = _common.Recorder("prox_strength", ("scikit-learn",))
-  task = _digits.DigitsTask.load(0)
+  recorder = common.Recorder("prox_strength", ("scikit-learn",))
+  task = digits.DigitsTask.load(0)
   records = []
   # Plain SGD (λ = 0) is trained once per seed; its groups are counted under every axis.
   runs = [(seed, axis, lam) for seed in cfg["seeds"] for axis in cfg["axes"] for lam in cfg["strengths"]
           if lam > 0 or axis == cfg["axes"][0]]
-  with _common.progress_bar(runs, "prox_strength", enabled=not args.no_progress) as bar:
+  with common.progress_bar(runs, "prox_strength", enabled=not args.no_progress) as bar:
     for seed, axis, lam in bar:
-      sigma = float(np.std(_train.kernel_values(task.init(seed))))
+      sigma = float(np.std(training.kernel_values(task.init(seed))))
       records += run(task, lam, axis, seed, tuple(cfg["checkpoints"]), sigma,
                      tuple(cfg["axes"]) if lam == 0 else (axis,))
   rows = summarize(records)
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "d = 64 inputs each; axis=None: the whole kernel); collapsed: groups with one value, mean over "
         "the kernels; T/σ: the prox's accumulated pull λ·lr·steps over the initial weights' std.")
   path = recorder.write(args.out, {
-      "settings": {"mode": "quick" if args.quick else "full", "task": "benchmarks._digits.DigitsTask (seed 0 split)",
+      "settings": {"mode": "quick" if args.quick else "full",
+                   "task": "the DigitsTask of benchmarks/digits.py (seed 0 split)",
                    "optimizer": f"optax.sgd({LEARNING_RATE}, momentum={MOMENTUM}) then "
                                 f"ss.weight_sharing_prox(strength, {LEARNING_RATE}, axis=axis, mask=kernels)",
                    **{k: list(v) for k, v in cfg.items()}},

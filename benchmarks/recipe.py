@@ -15,7 +15,7 @@ and the notebooks), from a PRETRAINED model:
 4. fine-tune with ``ss.keep_clusters(q)`` and Adam 1e-3, about 200 steps;
 5. ``ss.compression_report(q, params=retrained, mixture=merged)``.
 
-Measured (``FULL_CASES``, ``SEEDS``): the digits MLP (``_digits.DigitsTask``,
+Measured (``FULL_CASES``, ``SEEDS``): the digits MLP (``digits.DigitsTask``,
 N = 1347) with c = strength × N in ``C_GRID``, with π_0 = 0.95 and 0.9, with
 ``compress_mnist``'s gradient mixture updates instead of EM, from an
 SGD-pretrained model (``benchmarks/demo.py``'s optimizer), and from the
@@ -43,10 +43,10 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
-from benchmarks import _digits
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import datasets
+from benchmarks import digits
+from benchmarks import training
 
 COMPONENTS = 16
 ZERO_WEIGHT = 0.99
@@ -118,7 +118,7 @@ class Model:
   """What the steps need of a model: train ``epochs`` with a transform, test accuracy, N, steps per epoch."""
 
   name: str
-  train: Any      # (tx, params, epochs, seed) -> _train.Trained
+  train: Any      # (tx, params, epochs, seed) -> training.Trained
   accuracy: Any   # params -> float
   init: Any       # seed -> params
   num_examples: int
@@ -130,7 +130,7 @@ class Model:
 
 def digits_model(n: int | None = None) -> Model:
   """The digits MLP, on its whole training split or its first ``n`` images."""
-  task = _digits.DigitsTask.load(0)
+  task = digits.DigitsTask.load(0)
   if n is not None:
     d = task.data
     task = dataclasses.replace(task, data=dataclasses.replace(d, x_train=d.x_train[:n], y_train=d.y_train[:n]))
@@ -142,18 +142,18 @@ def lenet_model() -> Model:
   """LeNet-300-100 on compress_mnist's 4000 / 1000 MNIST images, batch 100."""
   from benchmarks import compress_mnist as cm  # Imported here: the quick mode does not need it.
 
-  data = _data.load_mnist(cm.TRAIN_SIZE, cm.TEST_SIZE, seed=cm.SPLIT_SEED)
+  data = datasets.load_mnist(cm.TRAIN_SIZE, cm.TEST_SIZE, seed=cm.SPLIT_SEED)
   net = cm.LeNet300100()
-  loss = _train.cross_entropy(_train.flax_apply(net))
+  loss = training.cross_entropy(training.flax_apply(net))
 
   def train(tx, params, epochs, seed):
-    return _train.train(loss, tx, params, data.x_train, data.y_train, epochs, batch=cm.BATCH,
+    return training.train(loss, tx, params, data.x_train, data.y_train, epochs, batch=cm.BATCH,
                         shuffle=jax.random.key(seed + 1000))
 
   def accuracy(params):
-    return 1.0 - _train.error_percent(cm.predictor("LeNet-300-100"), params, data.x_test, data.y_test) / 100
+    return 1.0 - training.error_percent(cm.predictor("LeNet-300-100"), params, data.x_test, data.y_test) / 100
 
-  return Model("LeNet-300-100, N=4000", train, accuracy, lambda seed: _train.init_flax(net, 784, seed),
+  return Model("LeNet-300-100, N=4000", train, accuracy, lambda seed: training.init_flax(net, 784, seed),
                cm.TRAIN_SIZE, cm.TRAIN_SIZE // cm.BATCH)
 
 
@@ -243,7 +243,7 @@ def summarize(records: list[dict]) -> list[dict]:
            "strength": group[0]["strength"]}
     for f in ("pretrained_accuracy", "retrained_accuracy", "quantized_accuracy", "finetuned_accuracy", "ratio",
               "max_relative_change"):
-      row[f] = _common.mean_std([r[f] for r in group])
+      row[f] = common.mean_std([r[f] for r in group])
     row["warned"] = sum(bool(r["warnings"]) for r in group)
     row["runs"] = len(group)
     rows.append(row)
@@ -252,29 +252,29 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   def fmt(stat):
-    return "-" if not stat["n"] else _common.fmt_mean_std(stat, digits=1, scale=100.0, single=True)
+    return "-" if not stat["n"] else common.fmt_mean_std(stat, digits=1, scale=100.0, single=True)
 
   out = [(r["model"], r["start"], r["setting"], f"{r['c']:.3g}",
           f"{r['strength']:.2g}", fmt(r["pretrained_accuracy"]), fmt(r["retrained_accuracy"]),
           fmt(r["quantized_accuracy"]), fmt(r["finetuned_accuracy"]), f"{r['ratio']['mean']:.1f}",
           f"{r['max_relative_change']['mean']:.3f}", f"{r['warned']}/{r['runs']}") for r in rows]
-  return _common.format_table(
+  return common.format_table(
       ("model", "start", "setting", "c", "strength", "pretrained %", "retrained %", "quantized %",
        "fine-tuned %", "ratio", "max rel. change", "warned"), out, align="<<<>>>>>>>>>")
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the digits grid and controls (and LeNet-300-100 in full mode), prints the table, writes the JSON."""
-  parser = _common.argument_parser("recipe", __doc__, "digits only, one seed, c = 0.012, a few steps")
+  parser = common.argument_parser("recipe", __doc__, "digits only, one seed, c = 0.012, a few steps")
   args = parser.parse_args(argv)
   if args.quick:
     cfg = dict(QUICK, cases=[Case("adam")], half_cases=[])
   else:
     cfg = dict(seeds=SEEDS, pretrain_steps=PRETRAIN_STEPS, retrain_steps=RETRAIN_STEPS, finetune_steps=FINETUNE_STEPS,
                old_epochs=OLD_NOTEBOOK["epochs"], lenet=True, cases=FULL_CASES, half_cases=HALF_CASES)
-  recorder = _common.Recorder("recipe", ("scikit-learn", "mlxtend"))
+  recorder = common.Recorder("recipe", ("scikit-learn", "mlxtend"))
   total = len(cfg["seeds"]) * (len(cfg["cases"]) + len(cfg["half_cases"])) + int(cfg["lenet"])
-  with _common.progress_bar(total, "recipe", enabled=not args.no_progress) as bar:
+  with common.progress_bar(total, "recipe", enabled=not args.no_progress) as bar:
     records = digits_runs(cfg, bar)
     if cfg["lenet"]:
       records.append(lenet_run())

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from benchmarks import _common
+from benchmarks import common
 
 SIZES = (10**5, 10**6, 10**7, 10**8)
 QUICK_SIZES = (10**5,)
@@ -162,7 +162,7 @@ def step_row(name: str, n: int, devices: int, leaves: int) -> dict:
     box["p"], box["s"] = compiled(box["p"], box["s"], grads)
     return box["p"]
 
-  timing, _ = _common.time_call(run, warmup=1, min_repeats=3, max_repeats=7, budget_s=2.0, stop_after_s=20.0)
+  timing, _ = common.time_call(run, warmup=1, min_repeats=3, max_repeats=7, budget_s=2.0, stop_after_s=20.0)
   param_bytes_per_device = sum(v.nbytes for v in host.values()) / devices
   return {
       "transform": name, "n": int(sum(v.size for v in host.values())), "devices": devices, "leaves": len(host),
@@ -192,7 +192,7 @@ def steps_section(quick: bool, progress: bool, only: tuple[str, ...] = ()) -> li
                         or devices == 8 and leaves != 1):
             continue
           plan.append((name, n, devices, leaves))
-  for name, n, devices, leaves in _common.progress_bar(plan, desc="steps", enabled=progress):
+  for name, n, devices, leaves in common.progress_bar(plan, desc="steps", enabled=progress):
     if only and name not in only:
       continue
     print(f"# {name} n={n:.0e} devices={devices} leaves={leaves}", file=sys.stderr, flush=True)
@@ -292,7 +292,7 @@ def prox_section(quick: bool) -> list[dict]:
     cases = {"np.sort": lambda: np.sort(x, axis=1),
              "numpy_scipy": lambda: isotonic.prox_rows_numpy(x, t),
              "host_kernel": lambda: isotonic.prox_rows_host(x, t)}
-    times = {k: _common.time_call(f, warmup=1, min_repeats=3, max_repeats=7, budget_s=2.0, sync=lambda o: o)[0]
+    times = {k: common.time_call(f, warmup=1, min_repeats=3, max_repeats=7, budget_s=2.0, sync=lambda o: o)[0]
              for k, f in cases.items()}
     for k, tm in times.items():
       rows.append({"d": d, "kernel": k, "median_ms": tm.median_s * 1e3,
@@ -308,15 +308,15 @@ def prox_section(quick: bool) -> list[dict]:
 def tables(result: dict) -> str:
   parts = []
   if result.get("steps"):
-    parts.append(_common.format_table(
+    parts.append(common.format_table(
         ["transform", "n", "dev", "leaves", "step", "x adam", "temp/dev params", "collectives", "max moved/leaf"],
-        [[r["transform"], f"{r['n']:.0e}", r["devices"], r["leaves"], _common.fmt_ms(r["median_ms"] / 1e3),
-          _common.fmt_ratio(r["ratio_to_adam"]), f"{r['temp_over_device_params']:.2f}", r["collectives"],
+        [[r["transform"], f"{r['n']:.0e}", r["devices"], r["leaves"], common.fmt_ms(r["median_ms"] / 1e3),
+          common.fmt_ratio(r["ratio_to_adam"]), f"{r['temp_over_device_params']:.2f}", r["collectives"],
           f"{r['largest_collective_over_leaf']:.3f}"] for r in result["steps"]]))
   if result.get("compress"):
     c = result["compress"]
     cold, warm = c["cold"], c["warm"]
-    parts.append(_common.format_table(
+    parts.append(common.format_table(
         ["stage", "cold s", "warm s", "warm x np.sort", "peak / params"],
         [[s, f"{cold['seconds'][s]:.3f}", f"{warm['seconds'][s]:.3f}", f"{warm['ratio_to_sort'][s]:.1f}",
           f"{warm['extra_peak_over_params'][s]:.2f}"] for s in warm["seconds"]]
@@ -324,7 +324,7 @@ def tables(result: dict) -> str:
             f"{warm['pipeline_ratio_to_sort']:.1f}", f"{warm['pipeline_extra_peak_over_params']:.2f}"]]))
     parts.append(f"weights {c['weights']:.2e}; cold = first call (compiles), warm = the same again")
   if result.get("prox"):
-    parts.append(_common.format_table(
+    parts.append(common.format_table(
         ["d", "kernel", "ms", "x numpy/scipy", "x np.sort"],
         [[f"{r['d']:.0e}", r["kernel"], f"{r['median_ms']:.1f}", f"{r['ratio_to_numpy_scipy']:.2f}",
           f"{r['ratio_to_sort']:.2f}"] for r in result["prox"]]))
@@ -350,11 +350,11 @@ def draw(steps: list[dict], axes) -> None:
 
 
 def plot(result: dict, path: str) -> str:
-  plt = _common.pyplot()
+  plt = common.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   draw(result["steps"], axes)
   fig.tight_layout()
-  return _common.save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,13 +362,13 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["--compress-child"]:
     print(json.dumps(compress_child(int(argv[1]), int(argv[2]))))
     return 0
-  parser = _common.argument_parser("scale", __doc__, "1e5 params, a few transforms, small compression and prox")
+  parser = common.argument_parser("scale", __doc__, "1e5 params, a few transforms, small compression and prox")
   parser.add_argument("--section", choices=("steps", "compress", "prox"), action="append",
                       help="run only these sections (repeatable; default: all)")
   parser.add_argument("--transform", action="append", choices=TRANSFORMS, help="only these transforms (repeatable)")
   args = parser.parse_args(argv)
   sections = args.section or ["steps", "compress", "prox"]
-  recorder = _common.Recorder("scale")
+  recorder = common.Recorder("scale")
   result = {"settings": {"quick": args.quick, "sections": sections, "sizes": QUICK_SIZES if args.quick else SIZES,
                          "learning_rate": LEARNING_RATE}}
   if "steps" in sections:

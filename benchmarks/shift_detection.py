@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _common
-from benchmarks import _data
+from benchmarks import common
+from benchmarks import datasets
 from benchmarks import generalization as gen
 
 # ----------------------------------------------------------------------------
@@ -74,7 +74,7 @@ FINDINGS = ("Full run (10 seeds, 500 L-BFGS iterations): the paper's ordering is
 
 def make_data(seed: int = DATA_SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Training, validation and test patterns (``SPLITS``), independent draws from ``default_rng(seed)``."""
-  return _data.shift_data(SPLITS, seed, BITS)
+  return datasets.shift_data(SPLITS, seed, BITS)
 
 
 def connectivity() -> np.ndarray:
@@ -141,7 +141,7 @@ def run_variant(variant: dict, cfg: dict, progress: bool = True) -> dict[str, li
            "soft-share 5": ("soft-share", (SOFT_STRENGTH,), 5, False),
            "soft-share 10": ("soft-share", (SOFT_STRENGTH,), 10, False)}
   out = {}
-  for name, (method, cs, k, early) in _common.progress_bar(list(specs.items()), "shift", enabled=progress,
+  for name, (method, cs, k, early) in common.progress_bar(list(specs.items()), "shift", enabled=progress,
                                                             leave=False):
     cs = np.asarray(cs, np.float64)
     res = gen.train(p, method, cs, seeds, cfg["iterations"], components=k, learned_noise=True,
@@ -157,28 +157,28 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     sel = gen.select(records)
     rs = [r for r in records if r["c"] == sel["chosen_c"]]
     out[name] = {
-        "test_pct": _common.mean_std([100 * (1 - r["test_error"]) for r in rs]),
-        "valid_pct": _common.mean_std([100 * (1 - r["valid_error"]) for r in rs]),
-        "train_pct": _common.mean_std([100 * (1 - r["train_error"]) for r in rs]),
+        "test_pct": common.mean_std([100 * (1 - r["test_error"]) for r in rs]),
+        "valid_pct": common.mean_std([100 * (1 - r["valid_error"]) for r in rs]),
+        "train_pct": common.mean_std([100 * (1 - r["train_error"]) for r in rs]),
         "runs_100pct_train": sum(r["train_error"] == 0.0 for r in rs),
         "chosen_c": sel["chosen_c"],
-        "noise_stddev": _common.mean_std([r["noise_stddev"] for r in rs]),
+        "noise_stddev": common.mean_std([r["noise_stddev"] for r in rs]),
         "paper_test_pct": {"mean": PAPER[name][0], "std": PAPER[name][1]},
     }
     if "live_components" in rs[0]:
-      out[name]["live_components"] = _common.mean_std([float(r["live_components"]) for r in rs])
-      out[name]["collapsed_components"] = _common.mean_std([float(r["collapsed_components"]) for r in rs])
+      out[name]["live_components"] = common.mean_std([float(r["live_components"]) for r in rs])
+      out[name]["collapsed_components"] = common.mean_std([float(r["collapsed_components"]) for r in rs])
   return out
 
 
 def table(summary: dict[str, dict]) -> str:
   """The results table, one row per method, with the paper's test accuracy."""
-  fmt = _common.fmt_mean_std
+  fmt = common.fmt_mean_std
   rows = [(name, fmt(s["test_pct"]), fmt(s["paper_test_pct"]), fmt(s["valid_pct"]), f"{s['train_pct']['mean']:.1f}",
            f"{s['runs_100pct_train']}/{s['test_pct']['n']}", f"{s['noise_stddev']['mean']:.3g}",
            f"{s['live_components']['mean']:.1f}" if "live_components" in s else "-")
           for name, s in summary.items()]
-  return _common.format_table(
+  return common.format_table(
       ("method", "test %", "paper test %", "valid %", "train %", "100% train", "sigma_y", "live comp."), rows,
       align="<>>>>>>>")
 
@@ -192,7 +192,7 @@ def ordering_met(summary: dict[str, dict]) -> bool:
 
 def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], path: str) -> str:
   """Test accuracy per variant against the paper's, and the base variant's seed-0 soft-share 10 mixture."""
-  plt = _common.pyplot()
+  plt = common.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
   ax = axes[0]
   names = list(PAPER)
@@ -228,7 +228,7 @@ def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], path: str) -> 
   ax.set_xlabel("weight value")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  return _common.save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def default_cfg(quick: bool = False) -> dict:
@@ -241,11 +241,11 @@ def default_cfg(quick: bool = False) -> dict:
 
 def main(argv=None) -> int:
   """Runs every method on every variant, prints the tables, writes the JSON and the figure."""
-  parser = _common.argument_parser("shift_detection", __doc__,
+  parser = common.argument_parser("shift_detection", __doc__,
                                    f"{QUICK['seeds']} seeds, {QUICK['iterations']} iterations, the base variant")
   args = parser.parse_args(argv)
   cfg = default_cfg(args.quick)
-  recorder = _common.Recorder("shift_detection", ("tqdm", "matplotlib"))
+  recorder = common.Recorder("shift_detection", ("tqdm", "matplotlib"))
   runs = {v: run_variant(VARIANTS[v], cfg, not args.no_progress) for v in cfg["variants"]}
   elapsed = recorder.stop()
   summaries = {v: summarize(r) for v, r in runs.items()}

@@ -26,9 +26,9 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
-from benchmarks import _data
-from benchmarks import _train
+from benchmarks import common
+from benchmarks import datasets
+from benchmarks import training
 
 DATASETS = ("mnist1d", "mnist14")
 SIDE = 14                     # MNIST-14 images are SIDE × SIDE
@@ -62,17 +62,17 @@ METHODS = ("CNN, original", "CNN, permuted", "FC", "FC + prox", "FC + prox + l1"
 # Data and locality.
 
 
-def load(name: str, quick: bool = False) -> _data.Data:
+def load(name: str, quick: bool = False) -> datasets.Data:
   """The data set ``name`` (its quick-mode subset with ``quick``)."""
   if name == "mnist1d":
-    return _data.load_mnist1d(QUICK["mnist1d_samples"] if quick else None)
+    return datasets.load_mnist1d(QUICK["mnist1d_samples"] if quick else None)
   sizes = (QUICK["train_14"], QUICK["test_14"]) if quick else (TRAIN_14, TEST_14)
-  return _data.load_mnist14(*sizes, seed=DATA_SEED)
+  return datasets.load_mnist14(*sizes, seed=DATA_SEED)
 
 
 def permutation(name: str, d: int) -> np.ndarray:
   """The fixed permutation of data set ``name``'s ``d`` input positions (the same for every seed and model)."""
-  return _data.permutation(d, PERM_SEED + DATASETS.index(name))
+  return datasets.permutation(d, PERM_SEED + DATASETS.index(name))
 
 
 def _window_sums_1d(mass: np.ndarray, width: int) -> np.ndarray:
@@ -179,14 +179,14 @@ def first_mask(params: dict) -> dict:
 def make_tx(prox: dict | None, axis: Any, params: dict, total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum on a cosine schedule; the prox (if any) follows it with the same schedule."""
   lr, prox = optax.cosine_decay_schedule(LEARNING_RATE, total_steps), prox or {}
-  return _train.sgd_prox(lr, MOMENTUM, prox.get("strength"), l1=prox.get("l1", 0.0), axis=axis, mask=first_mask(params))
+  return training.sgd_prox(lr, MOMENTUM, prox.get("strength"), l1=prox.get("l1", 0.0), axis=axis, mask=first_mask(params))
 
 
 def make_fns(kind: str, tx: optax.GradientTransformation, index: jax.Array | None) -> tuple:
   """(loss, jitted epoch, jitted class prediction) of a model kind trained with ``tx``."""
   apply = lambda params, x: forward(params, x, kind, index)  # noqa: E731
-  loss = _train.cross_entropy(apply)
-  return loss, _train.make_epoch(loss, tx), _train.predictor(apply)
+  loss = training.cross_entropy(apply)
+  return loss, training.make_epoch(loss, tx), training.predictor(apply)
 
 
 def method_spec(method: str, name: str, axis: Any = None, prox: dict | None = None) -> dict:
@@ -201,7 +201,7 @@ def method_spec(method: str, name: str, axis: Any = None, prox: dict | None = No
   return {"kind": "fc", "permuted": True, "prox": dict(prox), "axis": axis}
 
 
-def train_one(name: str, data: _data.Data, spec: dict, seed: int, epochs: int, widths: tuple[int, int],
+def train_one(name: str, data: datasets.Data, spec: dict, seed: int, epochs: int, widths: tuple[int, int],
               bar: Any = None, cache: dict | None = None) -> dict:
   """Trains one model; returns accuracy, sharing and locality of its first layer.
 
@@ -214,7 +214,7 @@ def train_one(name: str, data: _data.Data, spec: dict, seed: int, epochs: int, w
   perm = permutation(name, d)
   x, x_test = data.x_train, data.x_test
   if spec["permuted"]:
-    x, x_test = _data.permute(x, perm), _data.permute(x_test, perm)
+    x, x_test = datasets.permute(x, perm), datasets.permute(x_test, perm)
   index = jnp.asarray(conv_index(shape, k)) if spec["kind"] == "cnn" else None
   params = init_params(jax.random.key(seed), spec["kind"], d, k ** len(shape), widths)
   tx = make_tx(spec["prox"], spec.get("axis"), params, max(1, len(data.y_train) // BATCH * epochs))
@@ -222,17 +222,17 @@ def train_one(name: str, data: _data.Data, spec: dict, seed: int, epochs: int, w
   if "fns" not in cache:
     cache["fns"] = make_fns(spec["kind"], tx, index)
   loss, epoch, predict = cache["fns"]
-  run = _train.train(loss, tx, params, x, data.y_train, epochs, batch=BATCH, shuffle=np.random.default_rng(seed),
+  run = training.train(loss, tx, params, x, data.y_train, epochs, batch=BATCH, shuffle=np.random.default_rng(seed),
                      epoch_fn=epoch, bar=bar)
   params = run.params
   w = np.asarray(dense_first(params, spec["kind"], index, d)[0])
   stats = ss.sharing_stats({"first": w})
-  w_orig = _data.unpermute(w, perm) if spec["permuted"] else w
+  w_orig = datasets.unpermute(w, perm) if spec["permuted"] else w
   loc = locality(w_orig, k, shape)
   per_filter_distinct = np.mean([np.unique(w[:, j]).size / d for j in range(w.shape[1])])
   return {
-      "seed": seed, "test_acc": _train.accuracy(predict, params, x_test, data.y_test),
-      "train_acc": _train.accuracy(predict, params, x, data.y_train),
+      "seed": seed, "test_acc": training.accuracy(predict, params, x_test, data.y_test),
+      "train_acc": training.accuracy(predict, params, x, data.y_train),
       "final_train_loss": run.losses[-1] if run.losses else float("nan"),
       "distinct_fraction": stats.total.distinct / stats.total.weights,
       "distinct_per_filter_fraction": float(per_filter_distinct), "zero_fraction": stats.total.zeros / stats.total.weights,
@@ -256,7 +256,7 @@ def run(quick: bool, seeds: int, epochs: dict[str, int], progress: bool = True) 
   total = sum(epochs[n] for n in DATASETS) * len(METHODS) * seeds
   runs: dict[str, dict[str, list[dict]]] = {n: {m: [] for m in METHODS} for n in DATASETS}
   figure: dict[str, dict[str, Any]] = {n: {} for n in DATASETS}
-  with _common.progress_bar(total, "shuffled_filters", enabled=progress, unit="epoch") as bar:
+  with common.progress_bar(total, "shuffled_filters", enabled=progress, unit="epoch") as bar:
     for name in DATASETS:
       for method in METHODS:
         spec = method_spec(method, name)
@@ -274,7 +274,7 @@ def run(quick: bool, seeds: int, epochs: dict[str, int], progress: bool = True) 
 
 def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
   """Mean ± std over seeds of every measure, per data set and method."""
-  return {name: {m: {k: _common.mean_std([r[k] for r in rs]) for k in SUMMARY_KEYS} for m, rs in by.items()}
+  return {name: {m: {k: common.mean_std([r[k] for r in rs]) for k in SUMMARY_KEYS} for m, rs in by.items()}
           for name, by in runs.items()}
 
 
@@ -284,11 +284,11 @@ def table(summary: dict) -> str:
   for name, by in summary.items():
     for method, s in by.items():
       rows.append((name, method, "original" if method == "CNN, original" else "permuted",
-                   _common.fmt_mean_std(s["test_acc"], 1, scale=100),
+                   common.fmt_mean_std(s["test_acc"], 1, scale=100),
                    f"{s['distinct_fraction']['mean']:.4f}",
                    f"{s['zero_fraction']['mean']:.3f}",
-                   _common.fmt_mean_std(s["locality"], 3), _common.fmt_mean_std(s["locality_weighted"], 3)))
-  return _common.format_table(
+                   common.fmt_mean_std(s["locality"], 3), common.fmt_mean_std(s["locality_weighted"], 3)))
+  return common.format_table(
       ("dataset", "model", "input order", "test acc % (mean ± std)", "distinct frac", "zero frac",
        "locality (mean ± std)", "mass-weighted"), rows, align="<<<>>>>>")
 
@@ -312,7 +312,7 @@ def goal_check(summary: dict) -> dict:
 
 def write_figure(path: str, figure: dict, sizes: dict) -> str:
   """The 8 largest first-layer filters of each FC model (seed 0), mapped back to the original order."""
-  plt = _common.pyplot()
+  plt = common.pyplot()
   rows = [(name, m) for name in DATASETS for m in ("FC + prox + l1", "FC + prox", "FC")]
   fig, axes = plt.subplots(len(rows), FIG_FILTERS, figsize=(1.7 * FIG_FILTERS, 1.75 * len(rows)), squeeze=False)
   for r, (name, method) in enumerate(rows):
@@ -343,7 +343,7 @@ def write_figure(path: str, figure: dict, sizes: dict) -> str:
                f"{KERNEL['mnist1d']} positions / {KERNEL['mnist14']}×{KERNEL['mnist14']} on the torus;\n"
                "row label: mean over filters / mass-weighted over the layer)", fontsize=9)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
-  return _common.save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -356,10 +356,10 @@ def tune(quick: bool, epochs: dict[str, int], progress: bool = True) -> list[tup
   out = []
   for name in DATASETS:
     grid = [(lam, mu, axis) for axis, lams, mus in TUNE_GRID[name] for lam in lams for mu in mus]
-    data = _data.validation_split(load(name, quick), VAL_FRACTION)
+    data = datasets.validation_split(load(name, quick), VAL_FRACTION)
     cases = [(m, None, None) for m in METHODS[:3]]
     cases += [("FC + prox", dict(strength=lam, l1=mu), axis) for lam, mu, axis in grid]
-    bar = _common.progress_bar(len(cases), f"tune {name}", enabled=progress)
+    bar = common.progress_bar(len(cases), f"tune {name}", enabled=progress)
     for method, prox, axis in cases:
       spec = method_spec(method, name, axis=axis, prox=prox) if prox else method_spec(method, name)
       rec = train_one(name, data, spec, 0, epochs[name], widths[name])
@@ -375,7 +375,7 @@ def tune(quick: bool, epochs: dict[str, int], progress: bool = True) -> list[tup
 
 def main(argv=None) -> int:
   """Runs (or with --tune, tunes) every data set and method; prints and writes the results."""
-  parser = _common.argument_parser("shuffled_filters", __doc__,
+  parser = common.argument_parser("shuffled_filters", __doc__,
                                    f"tiny data, {QUICK['epochs']} epochs, {QUICK['seeds']} seeds (smoke test)")
   parser.add_argument("--tune", action="store_true", help="grid search on the validation split (prints only)")
   args = parser.parse_args(argv)
@@ -384,12 +384,12 @@ def main(argv=None) -> int:
 
   if args.tune:
     start, rows = time.perf_counter(), tune(args.quick, epochs, progress=not args.no_progress)
-    print(_common.format_table(("dataset", "model", "λ", "μ (l1)", "axis", "val acc %", "train acc %", "distinct frac",
+    print(common.format_table(("dataset", "model", "λ", "μ (l1)", "axis", "val acc %", "train acc %", "distinct frac",
                                 "locality"), rows, align="<<>>>>>>>"))
     print(f"\ntuning: {time.perf_counter() - start:.0f} s")
     return 0
 
-  recorder = _common.Recorder("shuffled_filters", ("tqdm", "mnist1d", "mlxtend", "matplotlib"))
+  recorder = common.Recorder("shuffled_filters", ("tqdm", "mnist1d", "mlxtend", "matplotlib"))
   runs, extra = run(args.quick, seeds, epochs, progress=not args.no_progress)
   elapsed = recorder.stop()
   summary = summarize(runs)

@@ -47,7 +47,7 @@ import optax
 
 import softshare_jax as ss
 
-from benchmarks import _common
+from benchmarks import common
 
 TASKS = ("a", "b")
 FEATURES = 16          # d
@@ -154,7 +154,7 @@ def run(seeds: int, steps: int, progress: bool = True) -> dict[str, dict[str, li
   trains = {name: make_train(tx, steps) for name, tx in txs.items()}
   runs = {f"{delta:g}": {name: [] for name in txs} for delta in RELATEDNESS}
   cases = [(delta, seed, name) for delta in RELATEDNESS for seed in range(seeds) for name in txs]
-  bar = _common.progress_bar(cases, "tying", enabled=progress)
+  bar = common.progress_bar(cases, "tying", enabled=progress)
   data = None
   for delta, seed, name in bar:
     if data is None or data[0] != (delta, seed):
@@ -174,10 +174,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
   out = {}
   for name, rs in runs.items():
     out[name] = {
-        "test_loss": {t: _common.mean_std([r["test"][t] for r in rs]) for t in TASKS},
-        "test_loss_both": _common.mean_std([statistics.fmean(r["test"].values()) for r in rs]),
-        "train_loss": {t: _common.mean_std([r["train"][t] for r in rs]) for t in TASKS},
-        "kernel_gap": _common.mean_std([r["kernel_gap"] for r in rs]),
+        "test_loss": {t: common.mean_std([r["test"][t] for r in rs]) for t in TASKS},
+        "test_loss_both": common.mean_std([statistics.fmean(r["test"].values()) for r in rs]),
+        "train_loss": {t: common.mean_std([r["train"][t] for r in rs]) for t in TASKS},
+        "kernel_gap": common.mean_std([r["kernel_gap"] for r in rs]),
     }
   return out
 
@@ -191,17 +191,17 @@ def table(summary: dict[str, dict]) -> str:
            f"{s['train_loss']['a']['mean']:.4f} / {s['train_loss']['b']['mean']:.4f}",
            f"{s['kernel_gap']['mean']:.3g}")
           for name, s in summary.items()]
-  return _common.format_table(
+  return common.format_table(
       ("method", "test MSE task a", "test MSE task b", "test MSE mean", "train MSE a / b", "‖W_a − W_b‖"),
       rows, align="<>>>>>")
 
 
 def main(argv=None) -> int:
-  parser = _common.argument_parser("tying", __doc__, f"{QUICK['seeds']} seeds of {QUICK['steps']} steps (smoke test)")
+  parser = common.argument_parser("tying", __doc__, f"{QUICK['seeds']} seeds of {QUICK['steps']} steps (smoke test)")
   args = parser.parse_args(argv)
   seeds, steps = (QUICK["seeds"], QUICK["steps"]) if args.quick else (SEEDS, STEPS)
 
-  recorder = _common.Recorder("tying", ("tqdm",))
+  recorder = common.Recorder("tying", ("tqdm",))
   runs = run(seeds, steps, progress=not args.no_progress)
   elapsed = recorder.stop()
   summary = {delta: summarize(r) for delta, r in runs.items()}

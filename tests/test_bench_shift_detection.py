@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import _data
+from benchmarks import datasets
 from benchmarks import shift_detection as sd
 
 METHODS = ("plain", "cross-validation", "weight elimination", "soft-share 5", "soft-share 10")
@@ -44,14 +44,14 @@ def test_second_half_is_the_first_shifted_by_the_label(split):
 
 def test_shift_by_hand():
   p = np.array([[1, 0, 0, 0, 0, 0, 0, 0, 0, 1]])
-  np.testing.assert_array_equal(_data.shift(p, np.array([1])), [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1]])  # left
-  np.testing.assert_array_equal(_data.shift(p, np.array([0])), [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])  # right
+  np.testing.assert_array_equal(datasets.shift(p, np.array([1])), [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1]])  # left
+  np.testing.assert_array_equal(datasets.shift(p, np.array([0])), [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])  # right
 
 
 def test_training_set_is_consistent():
   x, y = sd.make_data()["train"]
-  assert _data.consistent(x, y)
-  assert not _data.consistent(np.zeros((2, 20)), np.array([0.0, 1.0]))
+  assert datasets.consistent(x, y)
+  assert not datasets.consistent(np.zeros((2, 20)), np.array([0.0, 1.0]))
 
 
 def test_connectivity_and_parameter_count():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import _data
+from benchmarks import datasets
 from benchmarks import shuffled_filters as sf
 
 
@@ -108,11 +108,11 @@ def test_unpermute_filters_inverts_the_permutation():
   assert sorted(perm.tolist()) == list(range(d)) and not np.array_equal(perm, np.arange(d))
   x = rng.normal(size=(11, d))
   w = rng.normal(size=(d, n))  # filters over permuted positions
-  back = _data.unpermute(w, perm)
+  back = datasets.unpermute(w, perm)
   # A filter applied to the permuted input equals the mapped-back filter on the original input.
-  np.testing.assert_allclose(_data.permute(x, perm) @ w, x @ back, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(datasets.permute(x, perm) @ w, x @ back, rtol=1e-12, atol=1e-12)
   # Exact round trip: permuting the mapped-back filters gives the filters again.
-  np.testing.assert_array_equal(_data.permute(back.T, perm).T, w)
+  np.testing.assert_array_equal(datasets.permute(back.T, perm).T, w)
   # And explicit: position perm[j] of the original holds w[j].
   for j in range(d):
     np.testing.assert_array_equal(back[perm[j]], w[j])
@@ -123,9 +123,9 @@ def test_local_filter_survives_the_round_trip():
   perm = sf.permutation("mnist1d", d)
   local = np.zeros((d, 1))
   local[10:10 + k, 0] = np.arange(1, k + 1)
-  permuted = _data.permute(local.T, perm).T  # the same filter as seen by a network on permuted inputs
+  permuted = datasets.permute(local.T, perm).T  # the same filter as seen by a network on permuted inputs
   assert sf.locality(permuted, k, (d,))[0] < 1.0  # scrambled
-  np.testing.assert_allclose(sf.locality(_data.unpermute(permuted, perm), k, (d,)), [1.0])
+  np.testing.assert_allclose(sf.locality(datasets.unpermute(permuted, perm), k, (d,)), [1.0])
 
 
 # ----------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_local_filter_survives_the_round_trip():
 def test_torus_roll_keeps_each_image_multiset():
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, size=(50, 14, 14)).astype(np.float64)
-  rolled, shifts = _data.torus_roll(images, np.random.default_rng(3))
+  rolled, shifts = datasets.torus_roll(images, np.random.default_rng(3))
   assert rolled.shape == images.shape
   for a, b, (sa, sb) in zip(images, rolled, shifts):
     np.testing.assert_array_equal(np.sort(a.ravel()), np.sort(b.ravel()))
@@ -147,7 +147,7 @@ def test_torus_roll_keeps_each_image_multiset():
 
 def test_downsample_averages_blocks():
   img = np.arange(28 * 28, dtype=np.float64).reshape(1, 28, 28)
-  small = _data.downsample(img)
+  small = datasets.downsample(img)
   assert small.shape == (1, 14, 14)
   assert small[0, 2, 5] == np.mean(img[0, 4:6, 10:12])
 

@@ -9,7 +9,7 @@ the JSON and the writing for a whole run). Speed is measured here, never
 asserted in a test. Also here: :func:`progress_bar`, :func:`mean_std` and
 :func:`fmt_mean_std` for results over seeds, :func:`mixture_dict`, and the
 figure helpers :func:`pyplot`, :func:`hist_with_mixture`, :func:`save_figure`.
-Data sets are in ``_data``, training and evaluation in ``_train``.
+Data sets are in ``datasets``, training and evaluation in ``training``.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ One minibatch loop serves every classifier here: :func:`train` runs one jitted
 with any Optax transformation; ``tx.update`` always gets the parameters,
 which the softshare transforms need. A typical use::
 
-    data = _data.load_digits()
-    apply = _train.flax_apply(model)
-    params = _train.init_flax(model, data.x_train.shape[1], seed=0)
-    run = _train.train(_train.cross_entropy(apply), tx, params, data.x_train, data.y_train,
+    data = datasets.load_digits()
+    apply = training.flax_apply(model)
+    params = training.init_flax(model, data.x_train.shape[1], seed=0)
+    run = training.train(training.cross_entropy(apply), tx, params, data.x_train, data.y_train,
                        epochs=40, batch=64, shuffle=jax.random.key(1))
-    acc = _train.accuracy(_train.predictor(apply), run.params, data.x_test, data.y_test)
+    acc = training.accuracy(training.predictor(apply), run.params, data.x_test, data.y_test)
 
 The minibatch order comes from ``shuffle``: a JAX key (split once per epoch,
 ``jax.random.permutation``) or a NumPy ``Generator`` (``rng.permutation``);
@@ -154,7 +154,7 @@ def train(loss_fn: LossFn, tx: optax.GradientTransformation, params: Params, x: 
   ``shuffle`` orders the batches (see :func:`batch_orders`). ``state``
   continues an optimizer state (default ``tx.init(params)``); ``epoch_fn`` is
   a :func:`make_epoch` of the same loss and ``tx`` to reuse a compilation.
-  ``bar`` (a ``_common.progress_bar``) advances by one per epoch and, with
+  ``bar`` (a ``common.progress_bar``) advances by one per epoch and, with
   ``show_loss``, shows the epoch's loss.
   """
   state = tx.init(params) if state is None else state
