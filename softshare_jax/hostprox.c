@@ -179,6 +179,24 @@ static uint64_t *sort32(const float *x, Py_ssize_t n, uint32_t count[3][BUCKETS]
   return (uint64_t *)src;
 }
 
+/* Keys and indices ping-pong between two buffer pairs, one pass after another. */
+static inline void swap_buffers(uint64_t **src, uint64_t **dst, uint32_t **isrc, uint32_t **idst) {
+  uint64_t *k = *src;
+  *src = *dst;
+  *dst = k;
+  uint32_t *i = *isrc;
+  *isrc = *idst;
+  *idst = i;
+}
+
+/* The sorted keys and indices end in (a, ia), wherever the last pass left them. */
+static inline void land_in(uint64_t *a, uint32_t *ia, const uint64_t *src, const uint32_t *isrc, Py_ssize_t n) {
+  if (src != a) {
+    memcpy(a, src, (size_t)n * sizeof *a);
+    memcpy(ia, isrc, (size_t)n * sizeof *ia);
+  }
+}
+
 /* Stable LSD radix sort of 64-bit keys with their 32-bit indices: 8 passes. */
 static void radix_sort_wide(uint64_t *a, uint32_t *ia, uint64_t *tmp,
                             uint32_t *itmp, Py_ssize_t n) {
@@ -203,17 +221,9 @@ static void radix_sort_wide(uint64_t *a, uint32_t *ia, uint64_t *tmp,
       dst[at] = src[i];
       idst[at] = isrc[i];
     }
-    uint64_t *s = src;
-    src = dst;
-    dst = s;
-    uint32_t *is = isrc;
-    isrc = idst;
-    idst = is;
+    swap_buffers(&src, &dst, &isrc, &idst);
   }
-  if (src != a) {
-    memcpy(a, src, (size_t)n * sizeof *a);
-    memcpy(ia, isrc, (size_t)n * sizeof *ia);
-  }
+  land_in(a, ia, src, isrc, n);
 }
 
 /* Short rows: a stable comparison sort, bottom-up merges ping-ponging between
@@ -380,17 +390,9 @@ static void short_sort64(uint64_t *a, uint32_t *ia, uint64_t *tmp, uint32_t *itm
         memcpy(idst + lo, isrc + lo, (size_t)(n - lo) * sizeof *idst);
       }
     }
-    uint64_t *t = src;
-    src = dst;
-    dst = t;
-    uint32_t *it = isrc;
-    isrc = idst;
-    idst = it;
+    swap_buffers(&src, &dst, &isrc, &idst);
   }
-  if (src != a) {
-    memcpy(a, src, (size_t)n * sizeof *a);
-    memcpy(ia, isrc, (size_t)n * sizeof *ia);
-  }
+  land_in(a, ia, src, isrc, n);
 }
 
 /* Pool adjacent violators on v_k = z_k - a (2k - n - 1), k = 1..n, z the sorted
