@@ -504,6 +504,28 @@ def test_keep_clusters_mean_by_hand_and_errors():
     tx.init({"w": jnp.ones((2, 3)), "b": jnp.ones(2)})
 
 
+def test_keep_clusters_refuses_a_state_without_its_ids():
+  # Passing a quantized leaf's update through unchanged would be a silent wrong answer.
+  q = ss.quantize({"w": jnp.array([[0.5, 0.0, -1.0], [0.5, -1.0, 0.5]]), "b": jnp.ones(2)}, None,
+                  mask={"w": True, "b": False})
+  tx = ss.keep_clusters(q)
+  state = tx.init(ss.dequantize(q))
+  assert set(state.ids) == {"w"} and state.ids["w"].dtype == jnp.uint8
+  np.testing.assert_array_equal(state.ids["w"], [[2, 1, 0], [2, 0, 2]])  # codebook [-1, 0, 0.5]: by sorted value
+  np.testing.assert_allclose(state.scales["w"], [1 / 2, 0.0, 1 / 3])  # 1/|c|, 0 for the zero cluster
+  u = {"w": jnp.ones((2, 3)), "b": jnp.ones(2)}
+  ids = state.ids["w"]
+  for bad in ({}, None, {"w": ids.reshape(-1)}, {"w": ids.astype(jnp.float32)}, {"w": ids, "v": ids}):
+    with pytest.raises(ValueError, match="keep_clusters: its state must hold the quantized leaves"):
+      tx.update(u, state._replace(ids=bad))
+  # A quantized leaf outside the params given to init (masked out) gets no ids: the transform never sees it.
+  masked = optax.masked(tx, {"w": False, "b": True})
+  m_state = masked.init(ss.dequantize(q))
+  assert m_state.inner_state.ids == {}
+  out, _ = masked.update(u, m_state)
+  np.testing.assert_array_equal(out["w"], u["w"])
+
+
 def test_keep_clusters_under_jit_with_sharded_params():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   p, x, y = mlp_problem(2)
@@ -518,3 +540,66 @@ def test_keep_clusters_under_jit_with_sharded_params():
   out, _ = jax.jit(tx.update)(g_s, tx.init(params_s), params_s)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def _fsdp_problem(spec):
+  """A (2048, 512) leaf of 16 values (0 among them) sharded by ``spec`` on the 8-device mesh, and a gradient."""
+  from jax.sharding import Mesh, NamedSharding
+  assert jax.device_count() == 8, "conftest.py should force 8 CPU devices"
+  rng = np.random.default_rng(11)
+  w = (rng.integers(-8, 8, (2048, 512)) / 8).astype(np.float32)
+  g = rng.normal(size=w.shape).astype(np.float32)
+  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), spec)
+  return w, g, sharding
+
+
+def _cluster_means(w, g):
+  """NumPy float64: each weight's cluster mean of ``g`` (clusters: the distinct values of ``w``), 0 where w == 0."""
+  values, idx = np.unique(w, return_inverse=True)
+  idx = idx.reshape(w.shape)
+  means = np.bincount(idx.ravel(), g.astype(np.float64).ravel()) / np.bincount(idx.ravel())
+  return np.where(values == 0, 0.0, means)[idx]
+
+
+@pytest.mark.parametrize("spec", ["cols", "rows"])
+def test_keep_clusters_state_is_sharded_like_the_params(spec):
+  # The state holds each leaf's cluster ids in the leaf's shape and sharding, so the
+  # update reads its own block: no replicated unpacked copy of the indices per device.
+  from jax.sharding import PartitionSpec as P
+  from test_prox_spmd import MiB, big_collectives
+  w, g, sharding = _fsdp_problem(P(None, "x") if spec == "cols" else P("x", None))
+  q = ss.quantize({"w": jnp.asarray(w)}, None)
+  assert q.tree["w"].codebook.size == 16
+  tx = optax.chain(ss.keep_clusters(q), optax.adam(1e-2))
+  params = {"w": jax.device_put(w, sharding)}
+  grads = {"w": jax.device_put(g, sharding)}
+  state = jax.jit(tx.init)(params)
+  ids = state[0].ids["w"]
+  assert ids.shape == w.shape and ids.dtype == jnp.uint8
+  assert ids.sharding.is_equivalent_to(sharding, 2), ids.sharding
+  np.testing.assert_array_equal(np.asarray(ids), np.unique(w, return_inverse=True)[1].reshape(w.shape))
+  eager = tx.init(params)[0]  # concrete params: ids put shard by shard, factors replicated
+  assert eager.ids["w"].sharding.is_equivalent_to(sharding, 2) and eager.scales["w"].sharding.is_fully_replicated
+
+  update = jax.jit(tx.update)
+  compiled = update.lower(grads, state, params).compile()
+  big = big_collectives(compiled.as_text(), w.size, kinds=("all-gather", "all-to-all"))
+  assert not big, "\n".join(c[2] for c in big)
+  device_params = w.nbytes / jax.device_count()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= 4 * device_params + 16 * MiB, f"{temp / MiB:.1f} MiB of temporaries"
+  # Tighter than the bound above at this size: no more scratch than the same update of one device's block.
+  block = {"w": jnp.asarray(np.asarray(params["w"].addressable_shards[0].data))}
+  tx_block = optax.chain(ss.keep_clusters(ss.quantize(block, None)), optax.adam(1e-2))
+  local = jax.jit(tx_block.update).lower(block, tx_block.init(block), block).compile()
+  local_temp = local.memory_analysis().temp_size_in_bytes
+  assert temp <= 1.25 * local_temp + MiB, (temp / MiB, local_temp / MiB)
+
+  out, new_state = compiled(grads, state, params)
+  assert out["w"].sharding.is_equivalent_to(sharding, 2)
+  assert new_state[0].ids["w"].sharding.is_equivalent_to(sharding, 2)
+  mean = _cluster_means(w, g)
+  # Adam's first step on the cluster means: m̂ = A, v̂ = A².
+  np.testing.assert_allclose(np.asarray(out["w"]), -1e-2 * mean / (np.abs(mean) + 1e-8), rtol=1e-5, atol=1e-8)
+  kept, _ = jax.jit(ss.keep_clusters(q).update)(grads, ss.keep_clusters(q).init(params), params)
+  np.testing.assert_allclose(np.asarray(kept["w"]), mean, rtol=1e-5, atol=1e-7)

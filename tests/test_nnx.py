@@ -229,18 +229,17 @@ def test_keep_clusters_in_nnx_optimizer(source):
     assert not np.array_equal(before, after)
 
 
-def test_keep_clusters_refuses_a_state_that_lost_its_quantized_leaves():
-  # What nnx.Optimizer made of a QuantizedLeaf held in a Variable: a State of its
-  # arrays. Passing the updates through unchanged would be a silent wrong answer.
+def test_keep_clusters_refuses_a_state_that_lost_its_cluster_ids():
+  # A state whose cluster ids were dropped or reshaped (hand-made, or a bad restore):
+  # passing the updates through unchanged would be a silent wrong answer.
   _, q_state, _ = quantized_pair("cluster_weights")
   params = ss.dequantize(q_state)
   tx = ss.keep_clusters(q_state)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(params))
   tx.update(grads, state)
-  as_arrays = lambda q: {"codebook": q.codebook, "indices": q.indices}
-  lost = jax.tree.map(as_arrays, state.clusters, is_leaf=lambda x: isinstance(x, ss.QuantizedLeaf))
-  for bad in (state._replace(clusters=lost), state._replace(clusters={}), state._replace(clusters=None)):
+  flat = {path: ids.reshape(-1) for path, ids in state.ids.items()}
+  for bad in (state._replace(ids=flat), state._replace(ids={}), state._replace(ids=None)):
     with pytest.raises(ValueError, match="keep_clusters: its state must hold the quantized leaves"):
       tx.update(grads, bad)
 

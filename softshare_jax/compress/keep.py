@@ -12,10 +12,14 @@ import optax
 
 from softshare_jax import checks
 from softshare_jax import masks
-from softshare_jax.sharding import like
 from softshare_jax.compress.quantized import check_quantized
+from softshare_jax.compress.quantized import group_ids
 from softshare_jax.compress.quantized import is_qleaf
 from softshare_jax.compress.quantized import Quantized
+from softshare_jax.compress.quantized import QuantizedLeaf
+from softshare_jax.compress.quantized import unpack
+from softshare_jax.sharding import like
+from softshare_jax.sharding import shard_alike
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -24,15 +28,79 @@ class KeepClustersState(NamedTuple):
   """State of :func:`keep_clusters`.
 
   Attributes:
-    clusters: a dict from canonical path (``"conv/kernel"``) to the quantized
-      leaf (codebook and packed indices), for the quantized leaves only.
+    ids: a dict from canonical path (``"conv/kernel"``) to the leaf's cluster
+      ids, for the quantized leaves among the params given to ``init``: each
+      weight's entry in its group's codebook, in the leaf's own shape, as
+      uint8 (K <= 256 entries), uint16 (K <= 65536) or int32, placed with the
+      param's sharding. Each device then holds the ids of its own weights only.
     scales: a dict from the same paths to ``(groups × K,)`` factors applied
       to each cluster's summed update: 1/|c| ("mean") or 1 ("sum"), and 0 for
       the zero cluster.
   """
 
-  clusters: Any
+  ids: Any
   scales: Any
+
+
+def ids_dtype(entries: int) -> np.dtype:
+  """The narrowest dtype for ids below ``entries``: uint8, uint16, else int32 (what indexing takes).
+
+  Example:
+    >>> ids_dtype(16), ids_dtype(300), ids_dtype(70000)
+    (dtype('uint8'), dtype('uint16'), dtype('int32'))
+  """
+  if entries <= 1 << 8:
+    return np.dtype(np.uint8)
+  return np.dtype(np.uint16) if entries <= 1 << 16 else np.dtype(np.int32)
+
+
+def host_ids(q: QuantizedLeaf) -> np.ndarray:
+  """The leaf's cluster ids on the host, in its shape and :func:`ids_dtype`.
+
+  NumPy, from the concrete packed indices: also inside a jit trace of
+  ``init``, so that the compiled program gets the ids as one constant and no
+  unpacking.
+  """
+  idx = unpack(np.asarray(q.indices), q.bits, q.size, np)
+  return idx.reshape(q.shape).astype(ids_dtype(q.entries))
+
+
+def placed(value: np.ndarray, param: Any, *, replicated: bool = False) -> jax.Array:
+  """``value`` laid out like ``param`` (each device receives its own block only), or replicated on its devices.
+
+  A concrete param (or a ``ShapeDtypeStruct`` with a sharding) gives its
+  sharding; under ``jit`` the param is a tracer whose layout is only known at
+  compile time, so a param-shaped value is tied to it (``shard_alike``) for
+  the partitioner. Anything else (NumPy, an uncommitted array, no sharding)
+  gets JAX's default placement.
+  """
+  if isinstance(param, jax.core.Tracer):
+    new = jnp.asarray(value)
+    return new if replicated or shard_alike is None else shard_alike(param, new)[1]
+  sharding = getattr(param, "sharding", None)
+  # An uncommitted param (made without a placement) gets an uncommitted value: a committed
+  # input would commit jit's outputs, and the next step's state would retrace.
+  if not isinstance(sharding, jax.sharding.Sharding) or not getattr(param, "committed", True):
+    return jnp.asarray(value)
+  if replicated and not sharding.is_fully_replicated:
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return jnp.asarray(value)
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  # Fills only this process's devices, so it also holds for a multi-process global param.
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def cluster_factors(q: QuantizedLeaf, ids: np.ndarray, reduce: str) -> np.ndarray:
+  """``(groups × K,)`` float32: 1/|c| ("mean") or 1 ("sum") per cluster, 0 for the zero cluster."""
+  n = q.groups * q.entries
+  seg = ids.astype(np.int64) if q.axis is None else group_ids(q.shape, q.axis) * np.int64(q.entries) + ids
+  factor = np.ones(n, np.float32)
+  if reduce == "mean":
+    factor = (1.0 / np.maximum(np.bincount(seg.ravel(), minlength=n), 1)).astype(np.float32)
+  book = np.asarray(q.codebook).astype(np.float32)  # QuantizedLeaf.table() in NumPy: init may be traced
+  if q.scale is not None:
+    book = book * np.asarray(q.scale, np.float32)[..., None]
+  return np.where(book.reshape(-1) == 0, np.float32(0), factor)
 
 
 # Partial sums per block of rows, then a reduction over the blocks: one float32 scatter-add
@@ -90,8 +158,13 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
     reduce: ``"mean"`` (default) or ``"sum"``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state holds the packed indices
-    (1–8 bits per weight, 16 or 32 for hashed leaves).
+    An ``optax.GradientTransformationExtraArgs`` whose state
+    (:class:`KeepClustersState`) holds, for each quantized leaf among the
+    params given to ``init``, its cluster ids in the leaf's shape (uint8 up
+    to 256 entries, uint16 up to 65536, else int32) placed with the param's
+    sharding, and the per-cluster factors (``groups × K`` floats). An update
+    then reads the ids of each device's own weights: nothing is unpacked or
+    gathered.
     Under ``optax.inject_hyperparams`` it needs no ``static_args``:
     ``quantized`` is neither a number nor a callable and ``reduce`` is a
     string.
@@ -110,7 +183,8 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
   checks.check_choice("reduce", reduce, _REDUCTIONS)
   # Keyed by path, not in the quantized tree's structure: a tree quantized from an
   # nnx.State holds its leaves in Variables, which nnx.Optimizer rewrites between
-  # steps (a QuantizedLeaf inside one comes back as a State of its arrays).
+  # steps (a QuantizedLeaf inside one comes back as a State of its arrays). The
+  # state likewise holds plain arrays by path, which survive such rewrites.
   clusters = {path: leaf for path, leaf in quantized.leaves_with_paths() if is_qleaf(leaf)}
   known = [path for path, _ in quantized.leaves_with_paths()]
   if len(set(known)) != len(known):
@@ -118,16 +192,8 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
     raise ValueError(f"quantized: two of its leaves have the path {twice!r} (keys joined by '/'); "
                      "keep_clusters matches leaves by path.")
 
-  def by_path(state):
-    """path -> (quantized leaf, scales) for the quantized leaves held in ``state``."""
-    held = dict(state.clusters.items()) if isinstance(state.clusters, Mapping) else None
-    if held is None or sorted(held) != sorted(clusters) or not all(map(is_qleaf, held.values())):
-      raise ValueError("keep_clusters: its state must hold the quantized leaves it was made with, by path "
-                       f"({sorted(clusters)}); got {type(state.clusters).__name__} {state.clusters!r:.200}.")
-    return {path: (q, state.scales[path]) for path, q in held.items()}
-
-  def matched(tree, quantized_leaves, what):
-    """The tree's leaves and, for those that were quantized, ``(index, entry)``.
+  def matched(tree, what):
+    """The tree's leaves, its treedef, and ``(index, path)`` of its quantized, non-None leaves.
 
     Leaves are matched by canonical path, so the transform also works on a
     part of the tree (inside ``optax.masked`` or ``optax.partition``), and
@@ -141,42 +207,55 @@ def keep_clusters(quantized: Quantized, *, reduce: str = "mean") -> optax.Gradie
       if path not in known:
         raise ValueError(f"keep_clusters: the {what} have a leaf {path!r} that the quantized tree lacks "
                          f"(its leaves: {known}); build the params with ss.dequantize(quantized).")
-      entry = quantized_leaves.get(path)
-      if entry is None or leaf is None:
+      q = clusters.get(path)
+      if q is None or leaf is None:
         continue
-      if tuple(np.shape(leaf)) != entry[0].shape:
+      if tuple(np.shape(leaf)) != q.shape:
         raise ValueError(f"keep_clusters: {what} leaf {path!r} has shape {tuple(np.shape(leaf))}, "
-                         f"its quantized leaf {entry[0].shape}.")
-      hits.append((i, entry))
+                         f"its quantized leaf {q.shape}.")
+      hits.append((i, path))
     return [leaf for _, leaf in flat], treedef, hits
 
-  def segments(q):
-    """Each weight's cluster: (group, entry), flattened; and the number of clusters."""
-    idx = q.unpacked()
-    if q.axis is None:
-      return idx, q.entries
-    return q.group_ids().reshape(-1) * q.entries + idx, q.groups * q.entries
+  def held(state, paths):
+    """path -> (ids, factors) from ``state``, for ``paths``; an error for a state that lacks them.
 
-  def scale(q):
-    seg, n = segments(q)
-    factor = jnp.ones((n,), jnp.float32)
-    if reduce == "mean":
-      factor = factor / jnp.maximum(jax.ops.segment_sum(jnp.ones((q.size,), jnp.float32), seg, n), 1.0)
-    return jnp.where(q.table().reshape(-1) == 0, 0.0, factor)
+    Passing a quantized leaf's update through unchanged would be a silent
+    wrong answer, so a state without its ids (hand-made, or rewritten by a
+    checkpointer or a wrapper) is refused.
+    """
+    ids, scales = getattr(state, "ids", None), getattr(state, "scales", None)
+    ok = isinstance(ids, Mapping) and isinstance(scales, Mapping) and set(ids) <= set(clusters)
+    ok = ok and all(p in ids and p in scales and tuple(np.shape(ids[p])) == clusters[p].shape
+                    and jnp.issubdtype(jnp.result_type(ids[p]), jnp.integer)
+                    and np.shape(scales[p]) == (clusters[p].groups * clusters[p].entries,) for p in paths)
+    if not ok:
+      raise ValueError("keep_clusters: its state must hold the quantized leaves' cluster ids by path, each in "
+                       f"its leaf's shape ({ {p: clusters[p].shape for p in paths} }); got "
+                       f"{type(state).__name__} {state!r:.200}.")
+    return {p: (ids[p], scales[p]) for p in paths}
 
   def init_fn(params):
-    state = KeepClustersState(clusters, {path: scale(q) for path, q in clusters.items()})
-    matched(params, by_path(state), "params")
-    return state
+    leaves, _, hits = matched(params, "params")
+    ids, scales = {}, {}
+    for i, path in hits:
+      q = clusters[path]
+      host = host_ids(q)
+      ids[path] = placed(host, leaves[i])
+      scales[path] = placed(cluster_factors(q, host, reduce), leaves[i], replicated=True)
+    return KeepClustersState(ids, scales)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    leaves, treedef, hits = matched(updates, by_path(state), "updates")
-    for i, (q, factor) in hits:
-      u, (seg, n) = leaves[i], segments(q)
-      # In the leaf's own shape and sharding: flattening a sharded update would make XLA
-      # gather it; a scatter-add of the local block and an all-reduce of the n sums do not.
-      seg = like(u, seg.reshape(u.shape)).astype(jnp.int32)
+    leaves, treedef, hits = matched(updates, "updates")
+    stored = held(state, [path for _, path in hits])
+    for i, path in hits:
+      q, (ids, factor) = clusters[path], stored[path]
+      u, n = leaves[i], q.groups * q.entries
+      # The ids are in the leaf's own shape and sharding: a sharded update is summed
+      # where it lives (a scatter-add of the local block) and only the n sums cross devices.
+      seg = jnp.asarray(ids).astype(jnp.int32)
+      if q.axis is not None:
+        seg = q.group_ids() * q.entries + seg
       leaves[i] = like(u, (cluster_sums(u, seg, n) * factor)[seg])
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 

@@ -5,15 +5,18 @@ width) come from exact order statistics found without sorting the weights (an
 XLA sort of 3e7 floats takes seconds on a CPU): a radix select in JAX, two
 counting passes over the float32 bit patterns, the same code concrete or
 under ``jit``; then linear interpolation as ``np.quantile``'s, in float32.
-Every pass (those and the min/max/stddev) reads the weights 2^20 at a time:
-this XLA materializes the operands of reductions and scatters, which took
-~7× the weights' memory on whole arrays.
+Every pass (those and the min/max/stddev) reads the weights 2^20 at a time,
+leaf by leaf, each chunk's float32 values and bit patterns made only for that
+chunk: this XLA materializes the operands of reductions and scatters, which
+took ~7× the weights' memory on whole arrays, and concatenating the leaves
+(or converting them to float32 whole) would cost another copy of them all.
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,6 @@ from softshare_jax.checks import check_int
 from softshare_jax.checks import check_open_unit
 from softshare_jax.checks import is_traced
 from softshare_jax.checks import require_key
-from softshare_jax.mixture.model import flat_weights
 from softshare_jax.mixture.model import MAX_WEIGHT
 from softshare_jax.mixture.model import Mixture
 from softshare_jax.mixture.model import usable
@@ -155,6 +157,32 @@ def _locate(counts: jax.Array, row: jax.Array, r: jax.Array) -> tuple[jax.Array,
   return block * 256 + pos, below
 
 
+class _Weights(NamedTuple):
+  """Weights read chunk by chunk: ``flat`` then each of the ``big`` leaves.
+
+  ``flat``: 1-D, any real dtype, or None; counts where ``valid`` (None: where usable). ``big``: 1-D
+  leaves of at least :data:`_CHUNK` weights, any real dtype; count where usable.
+  """
+  flat: jax.Array | None
+  valid: jax.Array | None
+  big: tuple[jax.Array, ...]
+
+
+def _split_leaves(leaves: list[jax.Array]) -> _Weights:
+  """One leaf as it is; of several, those under :data:`_CHUNK` concatenated and the others read in place.
+
+  Concatenating them all would copy the weights (1× their bytes on top of
+  the statistics' own); the small ones (a model's biases and norms; all of
+  them only when every leaf is small) are copied together so that each does
+  not take a mostly empty chunk of every pass.
+  """
+  if len(leaves) == 1:
+    return _Weights(leaves[0], None, ())
+  small = [x.astype(jnp.float32) for x in leaves if x.shape[0] < _CHUNK]
+  big = tuple(x for x in leaves if x.shape[0] >= _CHUNK)
+  return _Weights(jnp.concatenate(small) if small else None, None, big)
+
+
 def _over_chunks(n: int, step: Any, carry: Any) -> Any:
   """``carry = step(carry, start, length)`` over [0, n) in chunks of :data:`_CHUNK` (a loop, then the rest).
 
@@ -168,47 +196,77 @@ def _over_chunks(n: int, step: Any, carry: Any) -> Any:
   return step(carry, full * _CHUNK, rest) if rest else carry
 
 
-def _count(keys_of: Any, n: int, size: int, index_of: Any) -> jax.Array:
-  """A histogram of ``index_of(keys)`` over all n keys (indices >= size dropped), chunk by chunk."""
-  add = lambda h, start, length: h.at[index_of(keys_of(start, length))].add(1, mode="drop")  # noqa: E731
-  return _over_chunks(n, add, jnp.zeros((size,), jnp.int32))
+def _fold(ws: _Weights, step: Any, carry: Any) -> Any:
+  """``carry = step(carry, x, ok)`` over all of ``ws``, chunk by chunk: ``x`` float32, ``ok`` which count.
+
+  The big leaves share one loop over all their chunks, a switch picking each
+  chunk's leaf: one loop body however many leaves (a loop per leaf would grow
+  the program, and its compile time, with them). A leaf's last chunk ends at
+  its end, so it overlaps the one before; the positions read twice are not ok.
+  """
+  if ws.flat is not None:
+
+    def flat_step(c, start, length):
+      x = jax.lax.dynamic_slice_in_dim(ws.flat, start, length).astype(jnp.float32)
+      ok = usable(x) if ws.valid is None else jax.lax.dynamic_slice_in_dim(ws.valid, start, length)
+      return step(c, x, ok)
+
+    carry = _over_chunks(ws.flat.shape[0], flat_step, carry)
+  if ws.big:
+    plan = [(j, min(first, x.shape[0] - _CHUNK), first) for j, x in enumerate(ws.big)
+            for first in range(0, x.shape[0], _CHUNK)]
+    table = np.array([(j, start, first - start) for j, start, first in plan], np.int32)
+    branches = [lambda start, x=x: jax.lax.dynamic_slice_in_dim(x, start, _CHUNK).astype(jnp.float32)
+                for x in ws.big]
+
+    def big_step(i, c):
+      leaf, start, skip = jnp.asarray(table)[i]
+      x = jax.lax.switch(leaf, branches, start)
+      return step(c, x, usable(x) & (jnp.arange(_CHUNK, dtype=jnp.int32) >= skip))
+
+    carry = jax.lax.fori_loop(0, len(plan), big_step, carry)
+  return carry
 
 
-def _usable_stats(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """min, max and (population) stddev of the usable weights, NaN when none is; two chunked passes."""
-  n = w.shape[0]
+def _count(ws: _Weights, size: int, index_of: Any, magnitude: bool) -> jax.Array:
+  """A histogram of ``index_of(keys)`` over the keys of all weights (indices >= size dropped)."""
 
-  def first(carry, start, length):
-    count, lo, hi, total = carry
-    x = jax.lax.dynamic_slice_in_dim(w, start, length)
-    ok = usable(x)
-    return (count + jnp.sum(ok, dtype=jnp.float32), jnp.minimum(lo, jnp.min(jnp.where(ok, x, jnp.inf))),
+  def add(h, x, ok):
+    return h.at[index_of(_order_keys(jnp.abs(x) if magnitude else x, ok))].add(1, mode="drop")
+
+  return _fold(ws, add, jnp.zeros((size,), jnp.int32))
+
+
+def _usable_stats(ws: _Weights) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """min, max, (population) stddev (NaN when no weight is usable) and count of the usable weights."""
+
+  def first(carry, x, ok):
+    m, count, lo, hi, total = carry
+    return (m + jnp.sum(ok, dtype=jnp.int32), count + jnp.sum(ok, dtype=jnp.float32),
+            jnp.minimum(lo, jnp.min(jnp.where(ok, x, jnp.inf))),
             jnp.maximum(hi, jnp.max(jnp.where(ok, x, -jnp.inf))), total + jnp.sum(jnp.where(ok, x, 0.0)))
 
   zero = jnp.zeros((), jnp.float32)
-  count, lo, hi, total = _over_chunks(n, first, (zero, jnp.float32(jnp.inf), jnp.float32(-jnp.inf), zero))
+  m, count, lo, hi, total = _fold(ws, first, (jnp.zeros((), jnp.int32), zero, jnp.float32(jnp.inf),
+                                              jnp.float32(-jnp.inf), zero))
   mean = total / count
-
-  def second(acc, start, length):
-    x = jax.lax.dynamic_slice_in_dim(w, start, length)
-    return acc + jnp.sum(jnp.where(usable(x), jnp.square(x - mean), 0.0))
-
+  second = lambda acc, x, ok: acc + jnp.sum(jnp.where(ok, jnp.square(x - mean), 0.0))  # noqa: E731
   nothing = jnp.where(count > 0, 0.0, jnp.nan)  # as nanmin's NaN when no weight is usable
-  return lo + nothing, hi + nothing, jnp.sqrt(_over_chunks(n, second, zero) / count)
+  return lo + nothing, hi + nothing, jnp.sqrt(_fold(ws, second, zero) / count), m
 
 
-def _select(keys_of: Any, n: int, ranks: jax.Array) -> jax.Array:
+def _select(ws: _Weights, ranks: jax.Array, magnitude: bool) -> jax.Array:
   """The keys of the given 0-based ranks (exact order statistics): a two-pass radix select, no sort.
 
-  ``keys_of(start, length)`` gives the keys of positions start..start+length.
   Pass 1 counts the keys per upper 16 bits, which places every rank in one
   bucket; pass 2 counts the lower 16 bits of the keys in those buckets only
   (a table maps a bucket to its row), which places it within. Ranks share a
   row when they share a bucket, so the second pass's counts take at most
-  ``_SELECT_ROWS`` × 2^16 int32 per group of ranks, whatever n.
+  ``_SELECT_ROWS`` × 2^16 int32 per group of ranks, whatever n. Counts add
+  up over the leaves: no pass needs the weights in one array.
   """
   high = lambda k: (k >> 16).astype(jnp.int32)  # noqa: E731
-  first = _count(keys_of, n, _RADIX, high).reshape(1, _RADIX)
+  first = _count(ws, _RADIX, high, magnitude).reshape(1, _RADIX)
   out = []
   for g in range(0, ranks.shape[0], _SELECT_ROWS):
     r = ranks[g:g + _SELECT_ROWS]
@@ -220,18 +278,10 @@ def _select(keys_of: Any, n: int, ranks: jax.Array) -> jax.Array:
     def index(k, table=table):  # row ``rows`` (a bucket without a rank) falls off the end
       return table[high(k)] * _RADIX + (k & jnp.uint32(_RADIX - 1)).astype(jnp.int32)
 
-    counts = _count(keys_of, n, rows * _RADIX, index).reshape(rows, _RADIX)
+    counts = _count(ws, rows * _RADIX, index, magnitude).reshape(rows, _RADIX)
     low, _ = _locate(counts, table[bucket], r - below)
     out.append((bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32))
   return jnp.concatenate(out)
-
-
-def _keys_of(w: jax.Array, valid: jax.Array | None, magnitude: bool = False) -> Any:
-  def keys_of(start, length):
-    x = jax.lax.dynamic_slice_in_dim(w, start, length)
-    ok = usable(x) if valid is None else jax.lax.dynamic_slice_in_dim(valid, start, length)
-    return _order_keys(jnp.abs(x) if magnitude else x, ok)
-  return keys_of
 
 
 def order_statistics(w: jax.Array, valid: jax.Array | None, ranks: jax.Array, *,
@@ -259,19 +309,14 @@ def order_statistics(w: jax.Array, valid: jax.Array | None, ranks: jax.Array, *,
     >>> order_statistics(w, jnp.isfinite(w), jnp.array([0, 3, 1])).tolist()
     [-1.0, 10.0, 2.0]
   """
-  return _from_keys(_select(_keys_of(w, valid, magnitude), w.shape[0], jnp.asarray(ranks, jnp.int32)))
+  return _from_keys(_select(_Weights(w, valid, ()), jnp.asarray(ranks, jnp.int32), magnitude))
 
 
-def _quantile_terms(w: jax.Array, valid: jax.Array | None, nums: np.ndarray, den: int,
+def _quantile_terms(ws: _Weights, m: jax.Array, nums: np.ndarray, den: int,
                     magnitude: bool = False) -> tuple[jax.Array, ...]:
-  if valid is None:
-    count = lambda m, start, length: m + jnp.sum(usable(jax.lax.dynamic_slice_in_dim(w, start, length)),  # noqa: E731
-                                                 dtype=jnp.int32)
-    m = _over_chunks(w.shape[0], count, jnp.zeros((), jnp.int32))
-  else:
-    m = jnp.sum(valid, dtype=jnp.int32)
+  """The two order statistics and the weight of the upper one for each quantile; ``m`` weights count."""
   lo, hi, t = quantile_ranks(m, jnp.asarray(nums, jnp.int32), den)
-  both = order_statistics(w, valid, jnp.clip(jnp.concatenate([lo, hi]), 0), magnitude=magnitude)
+  both = _from_keys(_select(ws, jnp.clip(jnp.concatenate([lo, hi]), 0), magnitude))
   lower, upper = jnp.split(jnp.where(m > 0, both, jnp.nan), 2)
   return lower, upper, t.astype(jnp.float32)
 
@@ -301,22 +346,37 @@ def quantiles(w: jax.Array, valid: jax.Array | None, nums: np.ndarray, den: int,
     >>> quantiles(w, jnp.isfinite(w), np.array([0, 2, 3]), 4).tolist()  # min, median, 3/4
     [1.0, 2.5, 4.75]
   """
-  return _lerp(*_quantile_terms(w, valid, nums, den, magnitude))
+  ws = _Weights(w, valid, ())
+  m = _fold(ws, lambda m, x, ok: m + jnp.sum(ok, dtype=jnp.int32), jnp.zeros((), jnp.int32))
+  return _lerp(*_quantile_terms(ws, m, nums, den, magnitude))
 
 
-def _kmeans_start(w: jax.Array, f: int, key: jax.Array, evenly: jax.Array) -> jax.Array:
+def _gather(leaves: list[jax.Array], index: jax.Array) -> jax.Array:
+  """``concatenate(leaves)[index]`` as float32, without the concatenation (a select per leaf)."""
+  if len(leaves) == 1:
+    return leaves[0][index].astype(jnp.float32)
+  out, offset = jnp.zeros(index.shape, jnp.float32), 0
+  for x in leaves:
+    n = x.shape[0]
+    inside = (index >= offset) & (index < offset + n)
+    out = jnp.where(inside, x[jnp.clip(index - offset, 0, n - 1)].astype(jnp.float32), out)
+    offset += n
+  return out
+
+
+def _kmeans_start(leaves: list[jax.Array], f: int, key: jax.Array, evenly: jax.Array) -> jax.Array:
   """:func:`kmeans_pp` on all the weights up to :data:`KMEANS_SAMPLE`, else on a uniform sample of that many.
 
-  Drawn with replacement over all positions, the unusable ones masked out. A
-  sample with no usable weight (possible only when nearly none is) gives
-  ``evenly`` (the "range" means) instead: k-means++ on all the weights as a
-  fallback would cost its full-size memory even when not taken.
+  Drawn with replacement over all positions (the leaves end to end), the unusable ones masked out. A
+  sample with no usable weight (possible only when nearly none is) gives ``evenly`` (the "range" means)
+  instead: k-means++ on all the weights as a fallback would cost its full-size memory even when not taken.
   """
-  n = w.shape[0]
+  n = sum(x.shape[0] for x in leaves)
   if n <= KMEANS_SAMPLE:
+    w = jnp.concatenate([x.astype(jnp.float32) for x in leaves])
     return kmeans_pp(w, f, key, usable(w))
   pick_key, seed_key = jax.random.split(key)
-  sample = w[jax.random.randint(pick_key, (KMEANS_SAMPLE,), 0, n)]
+  sample = _gather(leaves, jax.random.randint(pick_key, (KMEANS_SAMPLE,), 0, n))
   live = usable(sample)
   return jnp.where(jnp.any(live), kmeans_pp(sample, f, seed_key, live), evenly)
 
@@ -360,7 +420,8 @@ def init_mixture(
   Traceable: may run under ``jax.jit`` with static arguments.
 
   Args:
-    weights: an array or a pytree of arrays (the leaves are concatenated).
+    weights: an array or a pytree of arrays (their weights pooled, as if
+      concatenated; read in place, not copied).
     num_components: F >= 1, the number of FREE components (with a zero
       component the mixture has F + 1).
     zero_component: whether to add the zero component (Ullrich et al.).
@@ -385,12 +446,22 @@ def init_mixture(
 
 def initial_mixture(weights: Any, f: int, *, zero_component: bool, zero_weight: Any, init: str, key: Any,
                     name: str) -> Mixture:
-  """:func:`init_mixture` after its argument checks; ``name`` is the weights' name in errors."""
-  w = flat_weights(weights, name)
-  if not is_traced(w) and not bool(jnp.any(usable(w))):
-    raise ValueError(f"{name} has no usable value (all {w.size} are NaN, Inf or above {MAX_WEIGHT:g} in "
+  """:func:`init_mixture` after its argument checks; ``name`` is the weights' name in errors.
+
+  The leaves go to the jitted statistics as they are (no concatenated or float32 copy of them all).
+  """
+  leaves = jax.tree.leaves(weights)
+  if not leaves:
+    raise ValueError(f"{name} must be an array or a non-empty pytree of arrays.")
+  n = sum(int(np.size(x)) for x in leaves)
+  if n == 0:
+    raise ValueError(f"{name} must contain at least one weight.")
+  mixture, count = _start(tuple(leaves), jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component),
+                          init)
+  if not is_traced(count) and int(count) == 0:
+    raise ValueError(f"{name} has no usable value (all {n} are NaN, Inf or above {MAX_WEIGHT:g} in "
                      "magnitude): cannot start a mixture from it.")
-  return _start(w, jnp.asarray(zero_weight, jnp.float32), key, f, bool(zero_component), init)
+  return mixture
 
 
 def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) -> int:
@@ -403,21 +474,26 @@ def check_init_args(num_components: Any, zero_weight: Any, init: Any, key: Any) 
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _start(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_component: bool, init: str) -> Mixture:
+def _start(leaves: tuple, zero_weight: jax.Array, key: Any, f: int, zero_component: bool,
+           init: str) -> tuple[Mixture, jax.Array]:
+  """The mixture and the number of usable weights (none: the caller raises when it can)."""
   # Unusable weights are left out of every statistic, chunk by chunk (jnp.nanstd & co. on a NaN-masked
   # copy took ~6x the weights' memory).
-  lo, hi, spread = _usable_stats(w)
+  flat = [jnp.ravel(x) for x in leaves if np.size(x)]  # a reshape: no copy
+  ws = _split_leaves(flat)
+  lo, hi, spread, m = _usable_stats(ws)
   if init == "range":
     means = (lo + hi) / 2 * jnp.ones((1,)) if f == 1 else jnp.linspace(lo, hi, f)
   elif init == "quantile":
-    means = quantiles(w, None, 2 * np.arange(f) + 1, 2 * f)
+    means = _lerp(*_quantile_terms(ws, m, 2 * np.arange(f) + 1, 2 * f))
   else:
     evenly = (lo + hi) / 2 * jnp.ones((1,)) if f == 1 else jnp.linspace(lo, hi, f)
-    means = _kmeans_start(w, f, key, evenly)
+    means = _kmeans_start(flat, f, key, evenly)
   stds = jnp.maximum(_spacing_stddevs(means.astype(jnp.float32), spread), 1e-6)
   log_prec = -2.0 * jnp.log(stds)
   if zero_component:
-    zero_std = jnp.maximum(1.4826 * quantiles(w, None, np.array([1]), 2, magnitude=True)[0], 1e-6)
+    median = _lerp(*_quantile_terms(ws, m, np.array([1]), 2, magnitude=True))[0]
+    zero_std = jnp.maximum(1.4826 * median, 1e-6)
     log_prec = jnp.concatenate([(-2.0 * jnp.log(zero_std))[None], log_prec])
     zero_logit = jnp.log(zero_weight) - jnp.log1p(-zero_weight)
   else:
@@ -428,4 +504,4 @@ def _start(w: jax.Array, zero_weight: jax.Array, key: Any, f: int, zero_componen
       logits=jnp.zeros((f,), jnp.float32),
       zero_logit=jnp.asarray(zero_logit, jnp.float32),
       has_zero=zero_component,
-  )
+  ), m
