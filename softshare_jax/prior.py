@@ -156,8 +156,8 @@ def _accumulate(cfg: _PriorConfig, m: Mixture, updates: Any, params: Any,
 
   Returns the new updates, the statistics of all masked weights, and whether
   any leaf was masked in. One pass over all masked leaves
-  (``statistics.tree_pass``): small leaves together, each large one in
-  blocks that keep its shape and sharding. A weight the mixture cannot
+  (``statistics.tree_pass``): each leaf in its own shape (a large one in
+  blocks), so that it keeps its sharding. A weight the mixture cannot
   evaluate (NaN, ±Inf, or a log-joint of −inf for every component) adds
   nothing to its update and is left out of the statistics
   (``statistics.weight_pass``).
@@ -326,7 +326,7 @@ def mixture_prior(
   O(chunk_size × K), not O(#weights × K): the weights' gradient, the
   mixture's gradient and the ``"em"`` update all come from the same chunked
   pass (the sufficient statistics of docs/design.md §4.1), one pass over all
-  masked leaves, the small ones (up to 2**14 weights) together. The pass
+  masked leaves, leaf by leaf. The pass
   keeps each leaf's shape, so with params sharded over a mesh (FSDP, tensor
   parallel) each device evaluates its own weights, the updates keep the
   params' sharding, and only K-vectors of statistics are summed across

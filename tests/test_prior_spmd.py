@@ -4,7 +4,7 @@ Checked on the 8-device CPU platform of the root conftest.py from the compiled
 update (``jit(...).lower(...).compile()``): the HLO text for collectives and
 ``memory_analysis()`` for temporaries. Also the passes behind it
 (``statistics.leaf_pass`` in blocks, ``statistics.tree_pass`` over many
-leaves) against a float64 NumPy reference.
+leaves, each in its own pass) against a float64 NumPy reference.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _params(shape=SHAPE):
   return {
       "a": {"kernel": 0.1 * jax.random.normal(k1, shape, jnp.float32), "bias": jnp.zeros(shape[1])},
       "b": {"kernel": 0.1 * jax.random.normal(k2, shape, jnp.float32)},
-      # Small replicated kernels: evaluated together in one pass.
+      # Small replicated kernels.
       "small": [{"kernel": 0.1 * jax.random.normal(k, (16, 24), jnp.float32)} for k in jax.random.split(k3, 3)],
   }
 
@@ -79,11 +79,14 @@ def _update_fn(mode):
 def _compile(mode, layout):
   mesh_fn, spec_a, spec_b, shape = LAYOUTS[layout]
   mesh = mesh_fn()
-  params = _params(shape)
+  return _compile_tree(mode, _params(shape), _shardings(mesh, spec_a, spec_b), mesh)
+
+
+def _compile_tree(mode, params, p_sh, mesh):
+  """The compiled update of ``params`` sharded as ``p_sh`` (state replicated), and what it needs."""
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   tx, f = _update_fn(mode)
   state = tx.init(params)
-  p_sh = _shardings(mesh, spec_a, spec_b)
   s_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
   jitted = jax.jit(f, in_shardings=(p_sh, s_sh, p_sh))
   compiled = jitted.lower(grads, state, params).compile()
@@ -112,18 +115,14 @@ def test_collective_parser_sees_a_gather():
   assert any(op == "all-gather" and size == math.prod(SHAPE) for op, size, _ in found), found
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("mode", ["gradient", "em"])
-def test_update_is_shard_local(mode, layout):
-  compiled, _, (grads, state, params), p_sh, _ = _compile(mode, layout)
-  hlo = compiled.as_text()
-  found = _collectives(hlo)
+def _assert_shard_local(compiled, params, p_sh, temp_slack=16 * 2**20):
+  """Only O(K) all-reduces cross devices, the updates keep the params' sharding, temporaries stay small."""
+  found = _collectives(compiled.as_text())
   # Only the O(K) statistics may cross devices: no collective moves more than a few K-vectors' worth.
   big = [(op, size, line) for op, size, line in found if size > 64 * K]
   assert not big, big
   assert not [f for f in found if f[0] in ("all-gather", "all-to-all", "collective-permute")], found
   assert any(op == "all-reduce" for op, _, _ in found), "the statistics must be summed across devices"
-  # The updates keep the params' sharding.
   out_sh = compiled.output_shardings[0]
   for got, want, p in zip(jax.tree.leaves(out_sh), jax.tree.leaves(p_sh), jax.tree.leaves(params)):
     assert got.is_equivalent_to(want, p.ndim), (got, want)
@@ -131,18 +130,57 @@ def test_update_is_shard_local(mode, layout):
   per_device = sum(p.nbytes // math.prod(p.shape) * math.prod(s.shard_shape(p.shape))
                    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(p_sh)))
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp <= 4 * per_device + 16 * 2**20, (temp, per_device)
+  assert temp <= 4 * per_device + temp_slack, (temp, per_device)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("mode", ["gradient", "em"])
+def test_update_is_shard_local(mode, layout):
+  compiled, _, (grads, state, params), p_sh, _ = _compile(mode, layout)
+  _assert_shard_local(compiled, params, p_sh)
 
 
 @pytest.mark.parametrize("layout", ["rows_and_cols", "2d_both_axes"])
 @pytest.mark.parametrize("mode", ["gradient", "em"])
 def test_sharded_values_equal_unsharded(mode, layout):
   _, jitted, (grads, state, params), p_sh, f = _compile(mode, layout)
+  _assert_equals_one_device(jitted, f, grads, state, params, p_sh)
+
+
+# Many small kernels, each FSDP-sharded over the 8 devices along one axis or another
+# (rows, columns, a conv kernel's output channels): 20 leaves of 4e3 to 1e4 weights,
+# more than one CPU chunk (2**18 // K) in all.
+_SMALL_SHAPES = [(104, 96), (64, 64), (3, 3, 16, 32), (96, 104)]
+_SMALL_SPECS = [P(None, "x"), P("x", None), P(None, None, None, "x"), P("x", None)]
+
+
+def _many_small():
+  keys = jax.random.split(jax.random.key(3), 20)
+  params = {f"k{i:02d}": 0.1 * jax.random.normal(k, _SMALL_SHAPES[i % 4], jnp.float32) for i, k in enumerate(keys)}
+  mesh = _mesh_1d()
+  return params, {f"k{i:02d}": NamedSharding(mesh, _SMALL_SPECS[i % 4]) for i in range(20)}, mesh
+
+
+@pytest.mark.parametrize("mode", ["gradient", "em"])
+def test_many_small_sharded_leaves_are_never_gathered(mode):
+  """Small leaves are not joined into one vector: that gathered every sharded one to each device."""
+  params, p_sh, mesh = _many_small()
+  compiled, jitted, (grads, state, params), p_sh, f = _compile_tree(mode, params, p_sh, mesh)
+  # Slack for the temporaries of one CPU chunk (a few (2**18 // K, K) float32 arrays).
+  _assert_shard_local(compiled, params, p_sh, temp_slack=8 * 4 * statistics.CHUNK_BUDGET)
+  _assert_equals_one_device(jitted, f, grads, state, params, p_sh)
+
+
+def _assert_equals_one_device(jitted, f, grads, state, params, p_sh):
+  """The sharded update (updates, mixture, state) equals the same update on one device."""
   sharded = jitted(jax.device_put(grads, p_sh), state, jax.device_put(params, p_sh))
   one = jax.devices()[0]
   local = jax.jit(f)(*jax.device_put((grads, state, params), one))
+  # Adam's first step is lr·g/(|g| + 1e-8): where the prior's gradient nearly cancels the loss's
+  # (|g| ~ 1e-7 out of terms of 1e-3), float32 rounding of g, which other fusions on 8 devices round
+  # otherwise, moves the update by up to lr·Δg/1e-8 with Δg ~ 1e-10: so 1e-4 of lr = 1e-3.
   for got, want in zip(jax.tree.leaves(sharded[0]), jax.tree.leaves(local[0])):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
   got_m, want_m = ss.get_mixture(sharded[1]), ss.get_mixture(local[1])
   for got, want in zip(jax.tree.leaves(got_m), jax.tree.leaves(want_m)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -209,7 +247,7 @@ def test_blocked_pass_leaves_out_broken_weights():
   _check(grad, stats, m, w)
 
 
-def test_tree_pass_batches_small_leaves_and_matches_per_leaf():
+def test_tree_pass_matches_float64_without_joining_leaves():
   m = _mixture()
   rng = np.random.default_rng(2)
   leaves = [rng.normal(0.0, 0.3, s).astype(np.float32) for s in [(64, 64)] * 5 + [(300, 100), (7,), (0, 3)]]
@@ -219,10 +257,25 @@ def test_tree_pass_batches_small_leaves_and_matches_per_leaf():
   for g, x in zip(grads, leaves):
     assert g.shape == x.shape
   _check(jnp.concatenate([g.ravel() for g in grads]), total, m, flat)
-  jaxpr = str(jax.make_jaxpr(lambda m, xs: statistics.tree_pass(m, xs, 500))(m, leaves))
-  # One loop for the six small leaves together, one for the large one: not one per leaf.
-  loops = jaxpr.count("while[") + jaxpr.count("scan[")
-  assert loops == 2, jaxpr
+  # No leaf is joined to another (that gathers sharded leaves): the only concatenation is of
+  # the K means (the zero mean and the free ones).
+  jaxpr = str(jax.make_jaxpr(lambda m, xs: statistics.tree_pass(m, xs))(m, leaves))
+  joined = [int(math.prod(int(d) for d in dims.split(",") if d))
+            for dims in re.findall(r":f32\[([\d,]*)\] = concatenate", jaxpr)]
+  assert joined and max(joined) <= m.num_components, joined
+
+
+def test_many_leaves_keep_temporaries_of_one_chunk():
+  """Independent per-leaf passes would run side by side (50x the params for 100 leaves of 1e4 on CPU)."""
+  rng = np.random.default_rng(4)
+  params = {f"k{i:02d}": jnp.asarray(rng.normal(0.0, 0.1, (104, 96)).astype(np.float32)) for i in range(40)}
+  tx, f = _update_fn("gradient")
+  state = tx.init(params)
+  one = jax.devices()[0]
+  args = jax.device_put((jax.tree.map(jnp.ones_like, params), state, params), one)
+  temp = jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  param_bytes = sum(p.nbytes for p in params.values())
+  assert temp <= 2 * param_bytes + 8 * 4 * statistics.CHUNK_BUDGET, (temp, param_bytes)
 
 
 def test_block_shape():
