@@ -58,6 +58,49 @@ def test_select_uses_validation_only():
   assert out["chosen_c"] == 1.0 and math.isclose(out["test_error"]["mean"], 0.9)
 
 
+def test_select_chooses_prior_and_c_together_on_validation():
+  recs = [dict(c=c, seed=s, valid_error=v, test_error=t, train_error=0.0, precision_prior=p)
+          for p, c, s, v, t in [("auto", 0.1, 0, 0.3, 0.1), ("auto", 0.1, 1, 0.3, 0.1),
+                                ("nu=100", 0.1, 0, 0.2, 0.9), ("nu=100", 0.1, 1, 0.2, 0.9),
+                                ("nu=100", 1.0, 0, 0.4, 0.0), ("nu=100", 1.0, 1, 0.4, 0.0)]]
+  out = gen.select(recs)
+  assert (out["chosen_precision_prior"], out["chosen_c"]) == ("nu=100", 0.1)
+  assert math.isclose(out["test_error"]["mean"], 0.9)
+  assert out["valid_error_by_c"] == {"0.1": 0.2, "1.0": 0.4}
+  assert out["valid_error_by_prior"]["auto"] == {"0.1": 0.3}
+
+
+def test_goal_chooses_soft_share_components_on_validation():
+  def summary(valid, test):
+    return {"summary": {"valid_error": {"mean": valid}, "test_error": {"mean": test}}}
+  res = {"p": {"plain": summary(1.0, 1.0), "weight decay": summary(0.5, 0.5), "weight elimination": summary(0.6, 0.6),
+               "soft-share 4": summary(0.4, 0.55), "soft-share 8": summary(0.45, 0.3)}}
+  g = gen.goal(res)["per_problem"]["p"]
+  # K = 8 has the lower test error but K = 4 the lower validation error: K = 4 is the one compared.
+  assert g["soft_share_chosen"] == "soft-share 4" and g["best_soft_share"] == 0.55
+  assert g["best_baseline"] == 0.5 and not g["soft_share_no_worse"]
+
+
+def test_fixed_scale_precision_prior_by_hand():
+  """The nu prior adds −(ν/2) log λ_j + (ν σ_ref²/2) λ_j per component, zero component included (NumPy)."""
+  w = np.array([0.3, -1.2, 0.7, 2.0])
+  theta = {"net": {"a": jnp.asarray(w[:3].reshape(1, 3), jnp.float32), "b": jnp.asarray(w[3:], jnp.float32)}}
+  spec = gen.MixtureSpec(True, 10.0)
+  theta["mixture"] = gen.initial_theta(
+      gen.Problem("toy", {}, lambda seed: theta["net"], None, None, ""), "soft-share", 2, 0, False, spec)["mixture"]
+  m = theta["mixture"]
+  mu = np.asarray(m.means, np.float64)
+  lam = np.asarray(m.precisions, np.float64)
+  pi = np.asarray(m.weights, np.float64)
+  dens = pi * np.sqrt(lam / (2 * np.pi)) * np.exp(-0.5 * lam * (w[:, None] - mu) ** 2)
+  nu, s2 = 10.0, gen.MIXTURE_STDDEV ** 2
+  want = -np.log(dens.sum(1)).sum() + np.sum(-(nu / 2) * np.log(lam) + nu * s2 / 2 * lam)
+  got = float(gen.penalty_fn("soft-share", spec)(theta))
+  assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-4)
+  assert np.allclose(mu, [0.0, -1.0, 1.0]) and np.allclose(pi, [gen.ZERO_WEIGHT, 0.25, 0.25])
+  assert np.allclose(lam, 1.0 / gen.MIXTURE_STDDEV ** 2)
+
+
 def test_quick_run_writes_sane_results(tmp_path):
   assert gen.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
   with open(tmp_path / "generalization.json", encoding="utf-8") as f:
@@ -70,14 +113,18 @@ def test_quick_run_writes_sane_results(tmp_path):
     assert set(methods) == labels
     for label, s in methods.items():
       runs = report["runs"][problem][label]
-      grid = {r["c"] for r in runs}
-      assert s["chosen_c"] in grid
-      means = {c: np.mean([r["valid_error"] for r in runs if r["c"] == c]) for c in grid}
-      assert means[s["chosen_c"]] == min(means.values())
-      chosen = [r["test_error"] for r in runs if r["c"] == s["chosen_c"]]
+      keys = {(r.get("precision_prior"), r["c"]) for r in runs}
+      chosen_key = (s.get("chosen_precision_prior"), s["chosen_c"])
+      assert chosen_key in keys
+      means = {k: np.mean([r["valid_error"] for r in runs if (r.get("precision_prior"), r["c"]) == k]) for k in keys}
+      assert means[chosen_key] == min(means.values())
+      chosen = [r["test_error"] for r in runs if (r.get("precision_prior"), r["c"]) == chosen_key]
       assert len(chosen) == report["settings"]["seeds"]
       assert math.isclose(s["test_error"]["mean"], float(np.mean(chosen)), rel_tol=1e-9)
       assert all(math.isfinite(r["test_error"]) for r in runs)
       if label.startswith("soft-share"):
-        assert all(len(r["mixture"]["means"]) == int(label.split()[-1]) for r in runs)
+        # K free components and the zero component (mean 0), under every candidate prior.
+        assert all(len(r["mixture"]["means"]) == int(label.split()[-1]) + 1 for r in runs)
+        assert all(r["mixture"]["means"][0] == 0.0 for r in runs)
+        assert {r["precision_prior"] for r in runs} == {spec.label for spec in gen.SPECS}
   assert report["goal"]["problems_won"] == sum(p["soft_share_no_worse"] for p in report["goal"]["per_problem"].values())
