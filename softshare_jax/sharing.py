@@ -191,12 +191,80 @@ def _group_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ..
   return tuple(1 if a in axes else n for a, n in enumerate(shape))
 
 
+# The device kernel's scratch is several times its input, so a block of many
+# rows goes through it a chunk of rows at a time (docs/design.md §6). On CPU,
+# 512 KiB per chunk (2^17 float32). Accelerators want wide chunks for
+# parallelism: up to 64 MiB, but at most a sixteenth of the block.
+CHUNK_BYTES = {"cpu": 2**19, "other": 2**26}
+CHUNK_FRACTION = 16
+
+
+def chunk_rows(rows: int, d: int, itemsize: int, platform: str) -> int:
+  """Rows of length ``d`` per device-kernel call on ``platform`` (``"cpu"`` or ``"other"``), at least one.
+
+  Example:
+    >>> chunk_rows(4096, 1024, 4, "cpu"), chunk_rows(4096, 1024, 4, "other"), chunk_rows(3, 2**20, 4, "cpu")
+    (128, 256, 1)
+  """
+  if platform not in CHUNK_BYTES:
+    raise ValueError(f"platform must be one of {tuple(CHUNK_BYTES)}, got {platform!r}.")
+  row = max(d, 1) * itemsize
+  budget = min(CHUNK_BYTES[platform], max(CHUNK_BYTES["cpu"], rows * row // CHUNK_FRACTION))
+  return int(min(rows, max(1, budget // row)))
+
+
+def prox_rows_chunked(x: jax.Array, t: jax.Array, chunk: int) -> jax.Array:
+  """:func:`isotonic.prox_rows_device` on ``(rows, d)`` ``x``, ``chunk`` rows per kernel call.
+
+  The kernel is row by row, so the result is the one call's, bit for bit,
+  with the scratch of ``chunk`` rows. The chunks overwrite ``x`` in place
+  (a loop carry, not a second output array); when ``chunk`` does not divide
+  the rows, the last chunk ends at the last row and overlaps the one before
+  it, whose rows, already solved, go through it with step 0 (the kernel
+  returns such a row bit for bit).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.0, 0.05, 1.0], [3.0, 2.0, 2.01], [1.0, 0.0, 0.5]])
+    >>> prox_rows_chunked(x, jnp.full(3, 0.1), chunk=2)
+    Array([[0.075, 0.075, 0.9  ],
+           [2.9  , 2.055, 2.055],
+           [0.9  , 0.1  , 0.5  ]], dtype=float32)
+  """
+  rows = x.shape[0]
+  t = jnp.broadcast_to(jnp.asarray(t).astype(x.dtype), (rows,))
+  if chunk >= rows:
+    return isotonic.prox_rows_device(x, t)
+  if chunk < 1:
+    raise ValueError(f"chunk must be at least 1, got {chunk!r}.")
+
+  def body(i, out):
+    start = jnp.minimum(i * chunk, rows - chunk)
+    fresh = lax.broadcasted_iota(jnp.int32, (chunk,), 0) + start >= i * chunk
+    step = jnp.where(fresh, lax.dynamic_slice_in_dim(t, start, chunk), 0)
+    block = lax.dynamic_slice_in_dim(out, start, chunk)
+    # In a conditional that always runs: XLA hoists what the kernel computes
+    # from its shape alone (iotas and what follows from them) out of a loop,
+    # as arrays alive through all of it; it does not hoist out of a branch.
+    fit = lax.cond(i >= 0, isotonic.prox_rows_device, lambda x, _: x, block, step)
+    return lax.dynamic_update_slice_in_dim(out, fit, start, 0)
+
+  return lax.fori_loop(0, -(-rows // chunk), body, x)
+
+
+def _prox_rows_on(platform: str, x: jax.Array, t: jax.Array) -> jax.Array:
+  return prox_rows_chunked(x, t, chunk_rows(*x.shape, x.dtype.itemsize, platform))
+
+
 def _fit_block(x: jax.Array, t: jax.Array, axes: tuple[int, ...], kind: str) -> jax.Array:
-  """The fit on a block of whole groups; ``t`` has one value per group (group axes of size 1)."""
+  """The fit on a block of whole groups; ``t`` has one value per group (group axes of size 1).
+
+  ``kind``: ``"host"``, ``"callback"``, or ``"device:<platform>"`` (chunked for that platform).
+  """
   rows, back = to_rows(x, axes)
   t_rows = to_rows(t, axes)[0][:, 0]
-  if kind == "device":
-    return back(isotonic.prox_rows_device(rows, t_rows))
+  if kind.startswith("device:"):
+    return back(_prox_rows_on(kind.split(":")[1], rows, t_rows))
   return back(_host_call(rows.reshape(-1), t_rows, (rows.shape,), kind).reshape(rows.shape))
 
 
@@ -206,12 +274,13 @@ _fit_local = sharding.group_local(_fit_block)
 
 def _fit_leaf(x: jax.Array, t: jax.Array, axes: tuple[int, ...], method: str) -> jax.Array:
   t = jnp.broadcast_to(t, _group_shape(x.shape, axes))
-  device = functools.partial(_fit_local, axes=axes, static="device")
+  device = functools.partial(_fit_local, axes=axes, static="device:other")
   # A callback cannot run inside the partitioned op: without the custom call it stays whole.
   cpu = (functools.partial(_fit_local, axes=axes, static="host") if host_custom_call()
          else functools.partial(_fit_block, axes=axes, kind="callback"))
   if method == "device":
-    return device(x, t)
+    return lax.platform_dependent(x, t, cpu=functools.partial(_fit_local, axes=axes, static="device:cpu"),
+                                  default=device)
   if method == "host":
     return lax.platform_dependent(x, t, cpu=cpu, default=functools.partial(_fit_block, axes=axes, kind="callback"))
   return lax.platform_dependent(x, t, cpu=cpu, default=device)
@@ -232,26 +301,27 @@ def _fit_batch(xs: tuple, t: jax.Array, layouts: tuple, method: str) -> tuple:
       out[i] = f.reshape(rs[i].shape)
     return tuple(out)
 
-  def device(t, *rs):
-    # The prox is not padding-invariant: rows of one length per kernel call.
+  def device(platform, t, *rs):
+    # The prox is not padding-invariant: rows of one length per kernel (chunked) loop.
     out = [None] * len(rs)
     for d in sorted({r.shape[1] for r in rs}):
       which = [i for i, r in enumerate(rs) if r.shape[1] == d]
       block = jnp.concatenate([rs[i] for i in which])
-      fit = isotonic.prox_rows_device(block, jnp.broadcast_to(t, block.shape[:1]))
+      fit = _prox_rows_on(platform, block, jnp.broadcast_to(t, block.shape[:1]))
       cuts = np.cumsum([rs[i].shape[0] for i in which])[:-1]
       for i, f in zip(which, jnp.split(fit, cuts)):
         out[i] = f
     return tuple(out)
 
   cpu = functools.partial(host, "host")
+  other = functools.partial(device, "other")
   rs = [r for r, _ in rows]
   if method == "device":
-    fits = device(t, *rs)
+    fits = lax.platform_dependent(t, *rs, cpu=functools.partial(device, "cpu"), default=other)
   elif method == "host":
     fits = lax.platform_dependent(t, *rs, cpu=cpu, default=functools.partial(host, "callback"))
   else:
-    fits = lax.platform_dependent(t, *rs, cpu=cpu, default=device)
+    fits = lax.platform_dependent(t, *rs, cpu=cpu, default=other)
   return tuple(back(f) for f, (_, back) in zip(fits, rows))
 
 

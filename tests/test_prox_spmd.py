@@ -6,6 +6,8 @@ groups with no communication (docs/design.md §6). The checks parse the
 compiled update (``as_text()``) for collectives that move a param-sized array
 and read ``memory_analysis()`` for its temporaries. Many leaves must share one
 host call (or one device kernel), with the per-leaf results bit for bit.
+The device kernel runs a chunk of rows at a time: its scratch is a chunk's,
+and its results are one call's, bit for bit, and the float64 SciPy prox's.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import softshare_jax as ss
+from softshare_jax import isotonic
 from softshare_jax import sharing
+from test_sharing import chain_input
+from test_sharing import reference_prox
+from test_sharing import tol
 
 SHAPE = (512, 1024)  # small enough for a shared CPU; the layout is what matters
 MiB = 2**20
@@ -147,6 +154,139 @@ def test_prox_weight_sharing_keeps_the_sharding_eagerly():
   got = ss.prox_weight_sharing(jax.device_put(x, sharding), 0.3, axis=0, method="host")
   assert got.sharding.is_equivalent_to(sharding, 2)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ss.prox_weight_sharing(x, 0.3, axis=0, method="host")))
+
+
+# ----------------------------------------------------------------------------
+# The device kernel a chunk of rows at a time: bounded scratch, same bits.
+
+FSDP_SHAPES = {"memory": (16000, 1000), "values": (2000, 1000)}  # rows per device that no chunk divides
+# One chunk's scratch: 512 KiB of rows (sharing.CHUNK_BYTES) through a kernel of up to ~19x its input.
+CHUNK_SCRATCH = 12 * MiB
+
+
+def _compiled_update_temp(tx, params: dict) -> tuple[int, str]:
+  """Temporaries and text of the compiled ``tx.update`` on ``params`` (ShapeDtypeStructs: compiled, never run)."""
+  compiled = jax.jit(tx.update).lower(params, jax.eval_shape(tx.init, params), params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+
+def reference_rows(x: np.ndarray, t: float, axis: int) -> np.ndarray:
+  """The float64 prox of every group of ``x`` along ``axis`` (SciPy PAVA row by row)."""
+  rows = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+  out = np.stack([reference_prox(r, t) for r in rows.reshape(-1, rows.shape[-1])]).reshape(rows.shape)
+  return np.moveaxis(out, -1, axis)
+
+
+def _fsdp_tx(axis: int):
+  return optax.chain(optax.sgd(0.1), ss.weight_sharing_prox(1.0, 0.1, axis=axis, method="device"))
+
+
+def _fsdp_spec(axis: int) -> P:
+  return P(None, "x") if axis == 0 else P("x", None)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_device_prox_under_fsdp_keeps_scratch_within_4x_the_device_params(axis):
+  """A (16000, 1000) kernel sharded along the non-group axis: no gather, the scratch of one chunk of rows.
+
+  Each device holds 7.6 MiB: the goal allows 46.5 MiB of temporaries. The
+  kernel on the whole block at once took 17x the block (130 MiB); chunked,
+  the update needs the block, its fit and one chunk's scratch.
+  """
+  shape = FSDP_SHAPES["memory"]
+  sharding = NamedSharding(_mesh(), _fsdp_spec(axis))
+  temp, hlo = _compiled_update_temp(_fsdp_tx(axis), {"a": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)})
+  assert not [c for c in collectives(hlo) if c[0] == "all-gather"], collectives(hlo)
+  assert not big_collectives(hlo, shape[0] * shape[1])
+  per_device = 4 * shape[0] * shape[1] / jax.device_count()
+  assert temp <= 4 * per_device + 16 * MiB, f"{temp / MiB:.1f} MiB of temporaries, {temp / per_device:.1f}x"
+  assert temp <= 2 * per_device + CHUNK_SCRATCH, f"{temp / MiB:.1f} MiB of temporaries, {temp / per_device:.1f}x"
+
+
+def test_many_leaves_device_kernel_keeps_the_scratch_of_a_chunk():
+  """Leaves that share one device kernel per row length go through it a chunk of rows at a time too."""
+  params = {f"w{i}": jax.ShapeDtypeStruct((500, 1000), jnp.float32) for i in range(4)}
+  temp, _ = _compiled_update_temp(ss.weight_sharing_prox(0.5, 0.1, axis=1, method="device"), params)
+  total = 4 * 4 * 500 * 1000  # 7.6 MiB; one kernel on the 2000 rows took 18x that
+  assert temp <= 4 * total + 16 * MiB, f"{temp / MiB:.1f} MiB, {temp / total:.1f}x"
+  assert temp <= 2 * total + CHUNK_SCRATCH, f"{temp / MiB:.1f} MiB, {temp / total:.1f}x"
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_device_prox_under_fsdp_in_chunks_equals_the_float64_reference(axis):
+  """Each device's 125 rows of 2000 (axis 0) or 250 of 1000 (axis 1) in two overlapping chunks."""
+  rng = np.random.default_rng(7)
+  params = {"a": jnp.asarray(rng.normal(0.0, 0.05, FSDP_SHAPES["values"]), jnp.float32)}
+  grads = {"a": jnp.asarray(rng.normal(0.0, 0.05, FSDP_SHAPES["values"]), jnp.float32)}
+  compiled, out, shardings = _sharded_update(_fsdp_tx(axis), params, grads, {"a": _fsdp_spec(axis)})
+  assert not big_collectives(compiled.as_text(), params["a"].size)
+  assert out["a"].sharding.is_equivalent_to(shardings["a"], 2)
+  tentative = np.asarray(params["a"]) - 0.1 * np.asarray(grads["a"])  # float32, as the step computes it
+  got = np.asarray(optax.apply_updates(params, out)["a"], np.float64)
+  np.testing.assert_allclose(got, reference_rows(tentative, 0.1, axis), rtol=0, atol=tol(tentative, 0.1))
+  assert len(np.unique(got[:, 0] if axis == 0 else got[0])) < tentative.shape[axis] // 2  # the prox merged weights
+
+
+def _hard_rows(rows: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of every kind the kernel meets (pooling settles, the bounded-depth pass, NaN, t = 0, collapse)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(0.0, 1.0, (rows, d)).astype(np.float32)
+  t = rng.uniform(0.0, 1.0, rows).astype(np.float32)
+  chain, t_chain = chain_input(d)
+  x[5], t[5] = chain, t_chain  # defeats the pooling: the bounded-depth pass runs for its chunk
+  x[rows - 3], t[rows - 3] = chain, t_chain  # ... and in the last, overlapping chunk
+  x[7, 3] = np.nan
+  t[8] = 0.0
+  t[9] = 1e30
+  x[10] = np.round(x[10] * 2) / 2  # ties
+  return x, t
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 60, 299, 300])
+def test_chunked_device_prox_is_one_kernel_call_bit_for_bit(chunk):
+  """300 rows in chunks that mostly do not divide them: every row equals the one-call kernel's."""
+  x, t = _hard_rows(300, 64, seed=chunk)
+  whole = jax.jit(isotonic.prox_rows_device)(x, t)
+  chunked = jax.jit(sharing.prox_rows_chunked, static_argnums=2)(x, t, chunk)
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+  assert np.isnan(np.asarray(chunked)[7]).all() and np.array_equal(np.asarray(chunked)[8], x[8])
+  np.testing.assert_allclose(np.asarray(chunked)[5], reference_prox(x[5], float(t[5])), atol=tol(x[5], t[5]))
+
+
+@pytest.mark.parametrize(("rows", "d", "itemsize", "platform", "want"), [
+    (128, 4000, 4, "cpu", 32), (500, 1000, 4, "cpu", 131), (500, 1000, 8, "cpu", 65),
+    (3, 2**20, 4, "cpu", 1), (10, 10, 4, "cpu", 10), (4096, 1024, 4, "other", 256),
+    (2**16, 2**10, 4, "other", 2**12), (2**20, 2**10, 4, "other", 2**14), (0, 5, 4, "cpu", 0)])
+def test_chunk_rows_bounds_the_chunk_in_bytes(rows, d, itemsize, platform, want):
+  assert sharing.chunk_rows(rows, d, itemsize, platform) == want
+
+
+def test_chunk_rows_names_a_bad_platform():
+  with pytest.raises(ValueError, match="platform must be one of .* got 'tpu'"):
+    sharing.chunk_rows(4, 4, 4, "tpu")
+
+
+def test_many_leaves_device_path_in_chunks_matches_each_leaf_and_the_reference():
+  """Three leaves of 300 rows of 600, one kernel loop in five chunks of 218 rows (the last overlapping)."""
+  rng = np.random.default_rng(11)
+  params = {f"w{i}": jnp.asarray(rng.normal(0.0, 0.05, (300, 600)), jnp.float32) for i in range(3)}
+  updates = jax.tree.map(lambda p: 0.05 * jnp.cos(3 * p), params)
+  tx = ss.weight_sharing_prox(0.5, 0.1, axis=1, method="device")
+  out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+  _assert_equals_each_leaf(tx, out, updates, params)
+  tentative = np.asarray(params["w1"]) + np.asarray(updates["w1"])
+  got = np.asarray(optax.apply_updates(params, out)["w1"], np.float64)
+  np.testing.assert_allclose(got, reference_rows(tentative, 0.05, 1), rtol=0, atol=tol(tentative, 0.05))
+
+
+def test_auto_method_on_cpu_is_the_host_custom_call_alone():
+  """The default method on CPU lowers to the host kernel only: no device kernel (no sort, no loop)."""
+  params = {"a": _kernels()["a"]}
+  tx = ss.weight_sharing_prox(0.5, 0.1, axis=0)
+  compiled, _, _ = _sharded_update(tx, params, jax.tree.map(jnp.zeros_like, params), {"a": P(None, "x")})
+  hlo = compiled.as_text()
+  assert hlo.count(f'custom_call_target="{sharing.HOST_TARGET}"') == 1
+  assert not re.search(r"\bsort\(|\bwhile\(", hlo)
 
 
 # ----------------------------------------------------------------------------
