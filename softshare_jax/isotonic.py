@@ -35,10 +35,13 @@ Two kernels:
   Shakerinava et al. 2024: merge fitted halves by the bridge of their convex
   minorants) finishes in O(log³ d) parallel depth whatever the input. It works
   in the dtype of ``x`` (float64 when ``x`` is, under ``jax_enable_x64``).
-  Its compiled working memory is about 7x its input (one float32 row of
-  2^20 or 2^23 on CPU; ``benchmarks/prox_speed.py`` prints it): the prefix
-  sums are built a column at a time in place, and neither the permutation
-  nor the sorted row is kept through the fit (both are sorted for again).
+  Its compiled working memory is about 3.3x its input (float32 on CPU, one
+  row of 2^20 or 2^23 or 64 rows of 2^14; ``benchmarks/prox_speed.py``
+  prints it): the fit is kept as its blocks, one int32 link per element,
+  and a block's value is its mean from the prefix sums when it is needed;
+  scans and the search update one array in place; the sorted row lives
+  only until its prefix sums are taken, and the permutation is sorted for
+  again after the fit.
 * :func:`prox_rows_host` (in :mod:`softshare_jax.isotonic_host`, re-exported
   here) runs on the host in float64: a small C kernel (LSD
   radix sort of the float keys with their indices, 3 passes for float32, then
@@ -62,6 +65,7 @@ import jax.numpy as jnp
 from jax import lax
 
 # The host kernels live in their own module; they are part of this module's API.
+from softshare_jax.columns import fresh, put, salted_iota, scan_columns
 from softshare_jax.isotonic_host import host_kernel  # noqa: F401
 from softshare_jax.isotonic_host import prox_rows_host  # noqa: F401
 from softshare_jax.isotonic_host import prox_rows_numpy  # noqa: F401
@@ -146,7 +150,10 @@ def prefix_sums(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     lo = lax.dynamic_update_index_in_dim(lo, rl, j, zp.ndim - 1)
     return (hi, lo, *_df_add((rh, rl), (col, jnp.zeros_like(col))))
 
-  hi, lo, _, _ = _columns(zp, (jnp.zeros_like(zp), jnp.zeros_like(zp), *run), write)
+  # Every entry is written: the initial zeros only need to come late (they
+  # depend on the block totals), not to hold their place through the sort.
+  zeros = jnp.broadcast_to((run[0][..., None] * 0).astype(z.dtype), zp.shape)
+  hi, lo, _, _ = _columns(zp, (zeros, zeros, *run), write)
   return hi.reshape(*z.shape[:-1], nb * _BLOCK), lo.reshape(*z.shape[:-1], nb * _BLOCK)
 
 
@@ -164,30 +171,206 @@ class Segments:
     self.dtype = z.dtype
 
   def sum(self, i, j):
-    zs = (_take(self.hi, j) - _take(self.hi, i)) + (_take(self.lo, j) - _take(self.lo, i))
-    n = (j - i).astype(self.dtype)
+    """``i`` and ``j``: index arrays, or functions that compute them anew at
+    each use (see :func:`softshare_jax.columns.fresh`)."""
+    i, j = (i if callable(i) else lambda i=i: i), (j if callable(j) else lambda j=j: j)
+    zs = (_take(self.hi, j()) - _take(self.hi, i())) + (_take(self.lo, j()) - _take(self.lo, i()))
+    n = (j() - i()).astype(self.dtype)
     # Σ_{k=i+1..j} (2k − d − 1) = (j − i)(i + j − d): the ramp needs no prefix sum.
-    return zs - self.a * n * (i + j - self.d).astype(self.dtype)
+    return zs - self.a * n * (i() + j() - self.d).astype(self.dtype)
 
   def mean(self, i, j):
-    return self.sum(i, j) / jnp.maximum(j - i, 1).astype(self.dtype)
+    n = (j() if callable(j) else j) - (i() if callable(i) else i)
+    return self.sum(i, j) / jnp.maximum(n, 1).astype(self.dtype)
 
 
-def _block_ends(starts_mask):
-  """For each k, the first block start after k (or d)."""
-  d = starts_mask.shape[-1]
-  k = lax.broadcasted_iota(jnp.int32, starts_mask.shape, starts_mask.ndim - 1)
-  nxt = jnp.where(starts_mask, k, d)
-  nxt = jnp.concatenate([nxt[..., 1:], jnp.full_like(nxt[..., :1], d)], axis=-1)
-  return lax.cummin(nxt, axis=nxt.ndim - 1, reverse=True)
+# ----------------------------------------------------------------------------
+# Blocks as links: one int32 per element describes the whole block structure.
+# A block [s, e) holds e at s and s at each of its other members, so that the
+# start and end of any element's block are one or two gathers away and its
+# fitted value, the mean over the block, comes from the prefix sums. The fit
+# itself is never stored: that, and the block starts and ends, would take two
+# more arrays of the row's size through every loop.
 
 
-def _refit(seg, starts_mask):
-  """Block starts and block means from a mask of block starts."""
-  k = lax.broadcasted_iota(jnp.int32, starts_mask.shape, starts_mask.ndim - 1)
-  st = lax.cummax(jnp.where(starts_mask, k, 0), axis=k.ndim - 1)
-  en = _block_ends(starts_mask)
-  return st, seg.mean(st, en)
+def _block_chain(links, i):
+  """The start and end of the block holding each position ``i``."""
+  s = jnp.minimum(_take(links, i), i)  # a start holds its end, which is past it
+  return {"i": i, "s": s, "e": _take(links, s)}
+
+
+def _means(seg: Segments, links: jax.Array) -> jax.Array:
+  """The fit: every element's block mean, one exact refit per block (so bit-identical within it)."""
+  late = links[0, 0]
+  f = fresh(lambda salt: _block_chain(links, salted_iota(links.shape, late + salt)))
+  return seg.mean(f("s"), f("e"))
+
+
+def _low_starts(seg, links, at):
+  """Which positions ``at(salt)`` start a block, and which of those start one
+  whose mean is below the previous block's (a violation)."""
+
+  def chain(salt):
+    i = at(salt)
+    prev = jnp.maximum(i - 1, 0)
+    return {"i": i, "a": _take(links, i), "start": _take(links, i) > i, "ps": _block_chain(links, prev)["s"]}
+
+  f = fresh(chain)
+  return f("start")(), f("start")() & (f("i")() > 0) & (seg.mean(f("ps"), f("i")) > seg.mean(f("i"), f("a")))
+
+
+def _relink(links, keep):
+  """Links of the blocks that start where ``keep`` is True (into ``links``' buffer)."""
+  rows, d = keep.shape
+  kept = lambda idx: _take(keep, idx) & (idx < d)  # noqa: E731
+  # Forward: every element links to the last kept start at or before it.
+  links = scan_columns(
+      links, lambda idx, _: jnp.where(kept(idx), idx, -1), jnp.maximum, -1,
+      lambda out, idx, before, after: put(out, idx, after))
+  # Backward: a kept start links to the next one (or d).
+  return scan_columns(
+      links, lambda idx, _: jnp.where(kept(idx), idx, d), jnp.minimum, d,
+      lambda out, idx, before, after: put(out, idx, jnp.where(kept(idx), before, _take(out, idx))),
+      reverse=True)
+
+
+def _pool_links(seg, shape, rounds):
+  """Parallel pooling from singletons; returns the links."""
+
+  def cond(carry):
+    links, i = carry
+    return (i < rounds) & jnp.any(_low_starts(seg, links, lambda salt: salted_iota(shape, 64 * i + salt))[1])
+
+  def body(carry):
+    links, i = carry
+    start, low = _low_starts(seg, links, lambda salt: salted_iota(shape, 64 * i + salt))
+    return _relink(links, start & ~low), i + 1
+
+  # The singletons' links, made after the prefix sums (through a no-op on
+  # them): with nothing to wait for, XLA would make them first and hold them
+  # through the sort.
+  k = salted_iota(shape, (seg.hi[0, 0] != 0).astype(jnp.int32))
+  return lax.while_loop(cond, body, (k + 1, jnp.int32(0)))[0]
+
+
+def _bounded_depth(seg, links, run):
+  """Bounded-depth isotonic fit: ceil(log2 d) levels of bridge merges.
+
+  At level l the row is cut into segments of 2^l whose halves are already
+  fitted. Their fits are the slopes of the greatest convex minorants (GCM) of
+  the halves' cumulative sums; the fit of the segment is the GCM of both,
+  which keeps the left hull up to a vertex p, bridges to a right vertex q and
+  keeps the right hull after q: only [p, q) changes, to one block. Every left
+  vertex finds its tangent q to the right hull by binary search over the
+  right half's block starts; the bridge starts at the first vertex p whose
+  tangent is not steeper than the hull leaving p. Depth O(log² d) in all,
+  work O(d log² d).
+
+  Rows where ``run`` is False keep their ``links``; where it is True, these
+  must be the singletons.
+
+  Memory: besides the prefix sums and the links, one array of the row's size
+  (the search positions, then the new links), which the search updates in
+  place, as the scan by columns does.
+  """
+  rows, d = links.shape
+  levels = max(1, math.ceil(math.log2(d)))
+  dtype = seg.dtype
+
+  def geometry(k, level):
+    start = jnp.left_shift(jnp.right_shift(k, level), level)
+    return start, jnp.minimum(start + jnp.left_shift(1, level - 1), d), jnp.minimum(start + jnp.left_shift(1, level), d)
+
+  def active(level, links, at):
+    # The halves' fits violate at mid: the segment of each position at(salt) needs a bridge.
+    def chain(salt):
+      _, mid, end = geometry(at(salt), level)
+      right = jnp.minimum(mid, d - 1)
+      return {"mid": mid, "end": end, "s": _block_chain(links, jnp.maximum(mid - 1, 0))["s"], "right": right,
+              "e": _take(links, right)}
+
+    f = fresh(chain)
+    return run[:, None] & (f("mid")() < f("end")()) & (seg.mean(f("s"), f("mid")) > seg.mean(f("right"), f("e")))
+
+  def slope(k, q):
+    # From the left vertex k to the right half's block start q (or its end).
+    return seg.sum(k, q) / jnp.maximum(q - k, 1).astype(dtype)
+
+  def level_step(level, links):
+    def search(j, pos):
+      # Branchless binary search for the last position before the tangent:
+      # the test is made at the start of the candidate's block, so that the
+      # tangent found is always a block start. The geometry goes through a
+      # no-op that depends on j: XLA would hoist what it computes from loop
+      # invariants alone out of the loop, as (rows, d) arrays.
+      # Each use of a gather computes it anew (columns.fresh). The test is
+      # taken in a conditional that always runs: its result is then a boolean
+      # array of its own, and the update reads pos only where it writes it,
+      # in place (fused with the test, it would go to a new array).
+      def chain(salt):
+        k = salted_iota(links.shape, 64 * j + salt)
+        _, _, end = geometry(k, level)
+        cand = jnp.minimum(pos, d + salt) + jnp.left_shift(1, level - 1 - j)
+        q = jnp.minimum(cand, end)
+        block = _block_chain(links, jnp.minimum(q, d - 1))
+        return {"k": k, "end": end, "cand": cand, "past": q >= end, "s": jnp.where(q >= end, end, block["s"]),
+                "e": block["e"]}
+
+      def test():
+        f = fresh(chain)
+        return f("past")() | (seg.mean(f("s"), f("e")) >= seg.mean(f("k"), f("s")))
+
+      touches = lax.cond(j >= 0, test, lambda: jnp.zeros(pos.shape, bool))
+      f = fresh(chain)
+      return jnp.where((f("cand")() < f("end")()) & ~touches, f("cand")(), pos)
+
+    _, mid, _ = geometry(salted_iota(links.shape, level), level)
+    steps = jnp.where(jnp.any(active(level, links, lambda salt: salted_iota(links.shape, 64 * level + salt))), level, 0)
+    pos = lax.fori_loop(0, steps, search, mid - 1)
+
+    # First vertex of the bridge per segment, scanned along the row: the
+    # state is (start of the latest segment with a bridge vertex, its first
+    # vertex p, its tangent q); the later segment wins, the earlier vertex
+    # within one. Each element's new link is written over its search position
+    # (-1: unchanged).
+    def value(idx, pos):
+      i = jnp.minimum(idx, d - 1)
+      start, mid, end = geometry(i, level)
+      a = _take(links, i)
+      q = _take(pos, i) + 1
+      vertex = (idx < d) & (a > i) & (i < mid) & active(level, links, lambda _: i) & (slope(i, q) <= seg.mean(i, a))
+      return jnp.where(vertex, start, -1), i, q
+
+    def later(a, b):
+      return jax.tree.map(lambda u, v: jnp.where(b[0] > a[0], v, u), a, b)
+
+    def write(pos, idx, before, after):
+      start, p, q = after
+      i = jnp.minimum(idx, d - 1)
+      merged = (start == geometry(i, level)[0]) & (i < q)
+      return put(pos, idx, jnp.where(merged, jnp.where(i == p, q, p), -1))
+
+    pos = scan_columns(pos, value, later, (-1, 0, 0), write)
+    return jnp.where(pos >= 0, pos, links)
+
+  top = jnp.where(jnp.any(run), levels + 1, 1)
+  return lax.fori_loop(1, top, level_step, links)
+
+
+def _fit(seg: Segments, shape, rounds: int, whole=None) -> jax.Array:
+  """Pooling, then the bounded-depth pass on the rows that pooling left
+  unsettled; rows where ``whole`` is True are fitted as one block."""
+  links = _pool_links(seg, shape, rounds)
+  k = lax.broadcasted_iota(jnp.int32, shape, 1)
+  # Row by row: a settled row keeps its pooled blocks whatever the others do.
+  run = jnp.any(_low_starts(seg, links, lambda salt: salted_iota(shape, links[0, 0] + salt))[1], axis=1)
+  links = jnp.where(run[:, None], k + 1, links)
+  links = _bounded_depth(seg, links, run)
+  if whole is not None:
+    # The one block's mean comes out of the same refit: a mean taken apart
+    # would keep the prefix sums alive until it is put in.
+    links = jnp.where(whole[:, None], jnp.where(k == 0, shape[1], 0), links)
+  return _means(seg, links)
 
 
 def violations(y: jax.Array, st: jax.Array) -> jax.Array:
@@ -201,154 +384,18 @@ def pool(seg: Segments, v: jax.Array, rounds: int) -> tuple[jax.Array, jax.Array
   """Parallel pooling: every run of adjacent violating blocks merges at once.
 
   Runs at most ``rounds`` rounds (fewer when no violation is left) from the
-  singleton blocks of ``v``; returns the fit and each element's block start.
+  singleton blocks of ``v`` (whose values are taken from ``seg``: ``v`` gives
+  the shape); returns the fit and each element's block start.
   """
-
-  def cond(carry):
-    y, st, i = carry
-    return (i < rounds) & jnp.any(violations(y, st))
-
-  def body(carry):
-    # The iota is made here, not closed over: a (rows, d) constant from
-    # outside would be carried through the loop as one more array.
-    y, st, i = carry
-    k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
-    keep = (st == k) & ~violations(y, st)
-    st, y = _refit(seg, keep)
-    return y, st, i + 1
-
-  k = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
-  y, st, _ = lax.while_loop(cond, body, (v, k, jnp.int32(0)))
-  return y, st
-
-
-def _divide_and_conquer(seg, v, st=None, run=None):
-  """Bounded-depth isotonic fit: ceil(log2 d) levels of bridge merges.
-
-  At level l the row is cut into segments of 2^l whose halves are already
-  fitted. Their fits are the slopes of the greatest convex minorants (GCM) of
-  the halves' cumulative sums; the fit of the segment is the GCM of both,
-  which keeps the left hull up to a vertex p, bridges to a right vertex q and
-  keeps the right hull after q: only [p, q) changes, to one block. Every left
-  element p finds its tangent q(p) to the right hull by binary search; the
-  bridge starts at the first p whose tangent is not steeper than the hull
-  leaving p. Depth O(log² d) in all, work O(d log² d).
-
-  With ``st`` and ``run`` given, the fit ``(v, st)`` is kept as it is where
-  ``run`` is False (only its blocks are refitted) and ``st`` must then be the
-  singletons where it is True.
-
-  Memory: the loops carry only the fit (y, st) and the search position; the
-  segment geometry is recomputed from an iota wherever it is used, so that no
-  loop keeps a (rows, d) array of it alive.
-  """
-  d = v.shape[1]
-  levels = max(1, math.ceil(math.log2(d)))
-
-  def geometry(level):
-    k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
-    start = jnp.left_shift(jnp.right_shift(k, level), level)
-    mid = jnp.minimum(start + jnp.left_shift(1, level - 1), d)
-    end = jnp.minimum(start + jnp.left_shift(1, level), d)
-    return k, start, mid, end
-
-  def height(y, st, own, end, q):
-    # H(q) − H(own): the right half's hull at q above a block start `own`
-    # (the block start of k, or of the bridge's first element).
-    at_end = q >= end
-    qc = jnp.minimum(q, d - 1)
-    stq = jnp.where(at_end, end, _take(st, qc))
-    return seg.sum(own, stq) + jnp.where(at_end, 0.0, (q - stq).astype(v.dtype) * _take(y, qc))
-
-  def slope(y, st, own, k, end, q):
-    offset = (k - own).astype(v.dtype) * y
-    return (height(y, st, own, end, q) - offset) / jnp.maximum(q - k, 1).astype(v.dtype)
-
-  def level_step(level, carry):
-    y, st = carry
-    _, _, mid, end = geometry(level)
-    last = jnp.minimum(mid, d - 1)
-    active = (mid < end) & (_take(y, mid - 1) > _take(y, last))
-
-    def merge(carry):
-      y, st = carry
-
-      def search(j, pos):
-        # Branchless binary search for the first q in [mid, end] that touches
-        # the right hull: only the position is carried, the steps halve.
-        k, _, _, end = geometry(level)
-        # st, end and k through a no-op that depends on j: XLA would hoist
-        # everything computed from them alone out of the loop and keep it
-        # alive as (rows, d) arrays; recomputing it is cheaper than memory.
-        st_j, end_j, k_j = (jnp.minimum(a, d + j) for a in (st, end, k))
-        cand = pos + jnp.left_shift(1, level - 1 - j)
-        q = jnp.minimum(cand, end_j)
-        touches = (q >= end_j) | (_take(y, jnp.minimum(q, d - 1)) >= slope(y, st, st_j, k_j, end_j, q))
-        return jnp.where((cand < end) & ~touches, cand, pos)
-
-      pos = lax.fori_loop(0, level, search, geometry(level)[2] - 1)
-      k, start, mid, end = geometry(level)
-      q = pos + 1
-      last = jnp.minimum(mid, d - 1)
-      active = (mid < end) & (_take(y, mid - 1) > _take(y, last))
-      bridge = (k < mid) & active & (slope(y, st, st, k, end, q) <= y)
-      # The bridge's first element per segment, by a suffix minimum that
-      # doubles its reach each step within the aligned segment: one (rows, d)
-      # array in flight, where a segment_min would scatter to a fresh one
-      # through materialized indices and gather back.
-      def reach(j, f):
-        kk = lax.broadcasted_iota(jnp.int32, v.shape, 1)
-        far = kk + jnp.left_shift(1, j)
-        inside = (far < d) & (jnp.right_shift(far, level) == jnp.right_shift(kk, level))
-        return jnp.where(inside, jnp.minimum(f, _take(f, jnp.minimum(far, d - 1))), f)
-
-      f = lax.fori_loop(0, level, reach, jnp.where(bridge, k, d))
-
-      def bridge_block(salt):
-        # The bridge's block, from its first element p alone: gathers from
-        # st, the search position and the prefix sums. The salt (always 0)
-        # differs per use, so that XLA recomputes these gathers inside each
-        # fusion below instead of keeping them as (rows, d) arrays. A bridge
-        # exists only in an active segment, so `active` is not needed here.
-        first = jnp.minimum(_take(f, jnp.minimum(start, d + salt)), d - 1)
-        p_start, p_q = _take(st, first), _take(pos, first) + 1
-        return (first < mid) & (k >= p_start) & (k < end) & (st < p_q), p_start, p_q
-
-      merged, p_start, p_q = bridge_block(0)
-      p_mean = height(y, st, p_start, end, p_q) / jnp.maximum(p_q - p_start, 1).astype(v.dtype)
-      y = jnp.where(merged, p_mean, y)
-      # The new starts after the new fit (the salt depends on it), so that the
-      # old fit is dead by then.
-      merged, p_start, _ = bridge_block((y[:, :1] != y[:, :1]).astype(jnp.int32))
-      return y, jnp.where(merged, p_start, st)
-
-    return lax.cond(jnp.any(active), merge, lambda c: c, (y, st))
-
+  links = _pool_links(seg, v.shape, rounds)
   k = lax.broadcasted_iota(jnp.int32, v.shape, 1)
-  top = levels + 1 if run is None else jnp.where(run, levels + 1, 1)
-  y, st = lax.fori_loop(1, top, level_step, (v, k if st is None else st))
-  # One exact refit per block makes every member of a block bit-identical.
-  _, y = _refit(seg, st == k)
-  return y
+  return _means(seg, links), jnp.where(links > k, k, links)
 
 
 def ramp(d: int, a: jax.Array) -> jax.Array:
   """``(rows, d)`` c_k = a (2k − d − 1), k = 1..d: what the prox subtracts from the sorted row."""
   k = jnp.arange(1, d + 1, dtype=a.dtype)
   return a[:, None] * (2.0 * k - (d + 1))
-
-
-def _fit(seg: Segments, v: jax.Array, rounds: int, again=None) -> jax.Array:
-  """Pooling, then the bounded-depth pass from ``v`` (or from ``again()``, which
-  recomputes it, so that ``v`` need not stay alive through the pooling)."""
-  y, st = pool(seg, v, rounds)
-  done = ~jnp.any(violations(y, st))
-  # No conditional around the bounded-depth pass: its operand, the pooled
-  # fit, would stay alive through the whole pass. The pass runs no level when
-  # the pooling settled, and starts from the singletons of v otherwise.
-  y = lax.cond(done, lambda: y, (lambda: v) if again is None else again)
-  st = jnp.where(done, st, lax.broadcasted_iota(jnp.int32, v.shape, 1))
-  return _divide_and_conquer(seg, y, st, ~done)
 
 
 def isotonic_fit_sorted(z: jax.Array, a: jax.Array, *, rounds: int = POOLING_ROUNDS) -> jax.Array:
@@ -362,7 +409,7 @@ def isotonic_fit_sorted(z: jax.Array, a: jax.Array, *, rounds: int = POOLING_ROU
   Returns:
     The fit, ``(rows, d)`` in the dtype of ``z``.
   """
-  return _fit(Segments(z, a), z - ramp(z.shape[-1], a), rounds)
+  return _fit(Segments(z, a), z.shape, rounds)
 
 
 # A row is one cluster from t = (max − min)(d − 1)/d on; the device kernel
@@ -398,10 +445,9 @@ def prox_rows_device(x: jax.Array, t: jax.Array) -> jax.Array:
   # Non-finite rows are answered NaN below; zeros keep them out of the sums.
   # Memory (docs/design.md §6): the permutation is not kept through the fit
   # but found again by a second sort at the end, and the sorted row lives
-  # only until its prefix sums and the pooling's first iterate are taken (the
-  # bounded-depth pass sorts again). Those later sorts take x itself: rows
-  # that hold a NaN or an infinity are answered NaN whatever they compute, and
-  # every step of the fit keeps rows apart.
+  # only until its prefix sums are taken. That later sort takes x itself:
+  # rows that hold a NaN or an infinity are answered NaN whatever they
+  # compute, and every step of the fit keeps rows apart.
   xf = jnp.where(finite[:, None], x, 0)
   z = lax.sort(xf, dimension=1)
   # Reductions of x, not the ends of z: XLA fuses a slice of z into the last
@@ -411,9 +457,7 @@ def prox_rows_device(x: jax.Array, t: jax.Array) -> jax.Array:
   # Rows answered without the fit run it with t = 0, which settles at once.
   a = jnp.where(valid & ~collapse, t, 0) / (d - 1)
   seg = Segments(z, a)
-  y = _fit(seg, z - ramp(d, a), POOLING_ROUNDS, lambda: lax.sort(x, dimension=1) - ramp(d, a))
-  ends = (jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), d, jnp.int32))
-  y = jnp.where(collapse[:, None], seg.mean(*ends), y)
+  y = _fit(seg, x.shape, POOLING_ROUNDS, whole=collapse)
   # The sort for the permutation must come after the fit: scheduled first (as
   # XLA does, optimization barriers are gone by scheduling), it keeps the
   # permutation alive through the whole fit. Its indices depend on y through
