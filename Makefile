@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml setup.py softshare_jax/hostprox.c
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
+# Two workers, a test file per worker at a time: most of the suite's time is
+# XLA compiling on one core, and a file's module-level fixtures stay in one process.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.prox_speed
