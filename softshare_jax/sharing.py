@@ -99,9 +99,6 @@ def weight_sharing_penalty(x: jax.Array, axis: Axis = None) -> jax.Array:
 # block travels in the call's opaque string.
 
 HOST_TARGET = "softshare_jax_prox_rows_host"
-# The name XLA requires on the PyCapsule of a legacy (api_version=0) custom-call target: a
-# protocol string that XLA checks, not an import of anything.
-CUSTOM_CALL_CAPSULE = b"xla._CUSTOM_CALL_TARGET"
 
 _TRAMPOLINE = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p)
@@ -162,10 +159,7 @@ def host_custom_call() -> bool:
   """Registers the host kernel as a CPU custom call once; False where JAX refuses it."""
   try:
     fn = _TRAMPOLINE(_trampoline)
-    capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
-        ("PyCapsule_New", ctypes.pythonapi))
-    capsule = capsule_new(ctypes.cast(fn, ctypes.c_void_p).value, CUSTOM_CALL_CAPSULE, None)
-    jax.ffi.register_ffi_target(HOST_TARGET, capsule, platform="cpu", api_version=0)
+    jax.ffi.register_ffi_target(HOST_TARGET, jax.ffi.pycapsule(fn), platform="cpu", api_version=0)
   except Exception:  # pragma: no cover - depends on the JAX version.
     return False
   _KEEPALIVE.append(fn)

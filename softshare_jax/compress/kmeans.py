@@ -23,7 +23,7 @@ from softshare_jax.compress.quantized import MAX_CODEBOOK
 from softshare_jax.compress.quantized import Quantized
 from softshare_jax.compress.quantizer import host_weights
 from softshare_jax.compress.quantizer import map_masked
-from softshare_jax.mixture.init import kmeans_pp
+from softshare_jax.mixture.kmeanspp import kmeans_pp
 
 _CLUSTER_INITS = ("kmeans++", "linear")
 _SEEDING_SAMPLE = 1 << 14  # weights drawn (with replacement) for the k-means++ seeding

@@ -27,12 +27,12 @@ from softshare_jax.checks import check_int
 from softshare_jax.checks import check_open_unit
 from softshare_jax.checks import is_traced
 from softshare_jax.checks import require_key
+from softshare_jax.mixture.kmeanspp import kmeans_pp
 from softshare_jax.mixture.model import MAX_WEIGHT
 from softshare_jax.mixture.model import Mixture
 from softshare_jax.mixture.model import usable
 
 INITS = ("range", "quantile", "kmeans++")
-_KMEANS_ITERATIONS = 10
 # init="kmeans++" seeds and iterates on this many weights drawn uniformly when there are more:
 # on all 3.4e7 weights of a large model it took ~50 s on a CPU (k passes to seed, 10 scatters).
 KMEANS_SAMPLE = 1 << 16
@@ -51,49 +51,6 @@ def _spacing_stddevs(means: jax.Array, fallback: jax.Array) -> jax.Array:
   left = jnp.concatenate([gaps[:1], gaps])
   right = jnp.concatenate([gaps, gaps[-1:]])
   return 0.25 * (left + right)
-
-
-def kmeans_pp(w: jax.Array, k: int, key: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-  """k-means++ seeding (Arthur & Vassilvitskii 2007) then Lloyd iterations; sorted centres.
-
-  Only the weights where ``valid`` (all when None) are drawn or averaged. Memory
-  is O(len(w) + k): nearest centres come from the sorted centres' midpoints,
-  not from a (len(w), k) distance matrix, and the seeding is a loop, not k
-  unrolled steps.
-  """
-  n = w.shape[0]
-  keys = jax.random.split(key, k)
-  if valid is None:
-    first = jax.random.choice(keys[0], w)
-    live = jnp.ones_like(w)
-  else:
-    live = valid.astype(w.dtype)
-    w = jnp.where(valid, w, 0.0)
-    first = jax.random.choice(keys[0], w, p=live / jnp.maximum(jnp.sum(live), 1.0))
-  d2 = live * jnp.square(w - first)
-
-  def seed(i, carry):
-    centres, d2 = carry
-    total = jnp.sum(d2)
-    uniform = live / jnp.maximum(jnp.sum(live), 1.0) if valid is not None else 1.0 / n
-    p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), uniform)
-    c = jax.random.choice(keys[i], w, p=p)
-    return centres.at[i].set(c), jnp.minimum(d2, live * jnp.square(w - c))
-
-  centres = jnp.zeros((k,), w.dtype).at[0].set(first)
-  centres, _ = jax.lax.fori_loop(1, k, seed, (centres, d2))
-
-  def lloyd(_, c):
-    c = jnp.sort(c)
-    # In 1-D the nearest centre is the one between the neighbouring midpoints
-    # (ties to the lower one, as argmin would).
-    assign = jnp.searchsorted((c[1:] + c[:-1]) / 2, w, side="left")
-    counts = jax.ops.segment_sum(live, assign, k)
-    sums = jax.ops.segment_sum(live * w, assign, k)
-    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c)
-
-  centres = jax.lax.fori_loop(0, _KMEANS_ITERATIONS, lloyd, centres)
-  return jnp.sort(centres)
 
 
 def quantile_ranks(m: Any, num: Any, den: int) -> tuple[Any, Any, Any]:
